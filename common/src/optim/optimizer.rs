@@ -1,0 +1,5 @@
+//! Placeholder: being written.
+/// Placeholder.
+pub struct Optimizer;
+/// Placeholder.
+pub struct OptimizerState;

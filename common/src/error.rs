@@ -41,6 +41,10 @@ pub enum Error {
     #[error("dataset in {}: {problem}", dir.display())]
     Dataset { dir: PathBuf, problem: String },
 
+    /// In-memory images and labels that do not form a split of 28x28 digits.
+    #[error("invalid split: {0}")]
+    InvalidSplit(String),
+
     /// A sample index outside the split was asked for.
     #[error("sample index {index} is outside a split of {len} images")]
     IndexOutOfRange { index: usize, len: usize },

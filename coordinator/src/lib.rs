@@ -1,1 +1,21 @@
+//! The coordinator: registers workers, shards the training set every epoch, keeps
+//! synchronous SGD in lock-step, averages gradients, evaluates, checkpoints and reports.
+//!
+//! [`run`] is the whole job; the binary only parses flags and sets up logging.
 
+mod averaging;
+mod config;
+mod error;
+mod event;
+mod local_workers;
+mod metrics;
+mod run;
+mod run_dir;
+mod service;
+mod trainer;
+
+pub use config::{Config, LrDecay};
+pub use error::{Error, Result};
+pub use metrics::EpochRecord;
+pub use run::run;
+pub use trainer::Summary;

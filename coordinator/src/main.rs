@@ -1,1 +1,69 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Trains MNIST models with synchronous data-parallel SGD across worker processes.
+#[derive(Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: coordinator::Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as a worker (what `--workers N` spawns; same flags as the `worker` binary).
+    Worker(worker::Config),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Worker(config)) => worker::main_with(config),
+        None => {
+            worker::init_tracing("coordinator");
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+            runtime.block_on(coordinate(cli.config))
+        }
+    }
+}
+
+async fn coordinate(config: coordinator::Config) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen_addr()).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!("cannot listen on {}: {e}", config.listen_addr());
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = worker::shutdown_on_signals();
+    match coordinator::run(config, listener, shutdown).await {
+        Ok(summary) => {
+            println!(
+                "trained {} for {} epoch{} ({} steps) in {:.1} s: test accuracy {:.2}%, test loss {:.4}\nrun directory: {}",
+                summary.model,
+                summary.epochs_completed,
+                if summary.epochs_completed == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                summary.steps,
+                summary.wall_seconds,
+                summary.final_test_accuracy * 100.0,
+                summary.final_test_loss,
+                summary.run_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(coordinator::Error::Interrupted) => {
+            tracing::error!("interrupted before training completed");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

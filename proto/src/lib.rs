@@ -1,1 +1,19 @@
+//! The versioned gRPC protocol between coordinator and workers (`lockstep.v1`), generated at
+//! build time from `lockstep/v1/cluster.proto`, plus the little-endian codecs for the tensors
+//! that travel in `bytes` fields.
 
+mod codec;
+
+/// Generated messages and service stubs of `lockstep.v1`.
+pub mod v1 {
+    tonic::include_proto!("lockstep.v1");
+}
+
+pub use codec::{CodecError, decode_f32, decode_u32, encode_f32, encode_u32};
+
+/// Compatible revision of `lockstep.v1`; coordinator and worker must agree exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message either side accepts: a chunked dataset file or the largest model's
+/// parameters (mlp-dropout, 2.1 MB) fit with room to spare.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -1,1 +1,8 @@
+//! The integration tests: real gRPC over real sockets, real processes, real MNIST.
+//!
+//! Every module is one area; `support` holds the harness.
 
+mod cluster;
+mod end_to_end;
+mod fetch;
+mod support;

@@ -1,1 +1,17 @@
+//! A worker: registers with the coordinator, gets the dataset, and computes gradients and
+//! evaluations of its model replica on request.
+//!
+//! [`run`] is the whole worker; [`main_with`] wraps it into a process.
 
+mod config;
+mod error;
+mod executor;
+mod process;
+mod session;
+mod transfer;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use executor::Executor;
+pub use process::{init_tracing, main_with, shutdown_on_signals};
+pub use session::run;

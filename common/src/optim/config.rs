@@ -43,7 +43,9 @@ impl OptimizerConfig {
             if (0.0..1.0).contains(&value) {
                 Ok(())
             } else {
-                Err(Error::Config(format!("{name} must be in [0, 1), got {value}")))
+                Err(Error::Config(format!(
+                    "{name} must be in [0, 1), got {value}"
+                )))
             }
         };
         unit("momentum", self.momentum)?;
@@ -57,7 +59,10 @@ impl OptimizerConfig {
             )));
         }
         if !(self.eps > 0.0 && self.eps.is_finite()) {
-            return Err(Error::Config(format!("eps must be positive, got {}", self.eps)));
+            return Err(Error::Config(format!(
+                "eps must be positive, got {}",
+                self.eps
+            )));
         }
         Ok(())
     }

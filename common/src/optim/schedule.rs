@@ -48,7 +48,10 @@ impl LrSchedule {
     /// Rejects rates that are not positive and finite, and an empty reference batch.
     pub fn validate(&self) -> Result<()> {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::Config(format!("lr must be positive, got {}", self.lr)));
+            return Err(Error::Config(format!(
+                "lr must be positive, got {}",
+                self.lr
+            )));
         }
         if self.reference_batch == Some(0) || self.global_batch == 0 {
             return Err(Error::Config("batch sizes must be positive".into()));

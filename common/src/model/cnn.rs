@@ -1,0 +1,39 @@
+use super::max_pool_2x2;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder, conv2d, linear};
+
+/// The Keras tutorial's convolutional network: conv 3x3x32, pool, conv 3x3x64, pool,
+/// conv 3x3x64, fc 128, fc 10, all with ReLU (130,890 parameters).
+#[derive(Debug, Clone)]
+pub struct Cnn {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    conv3: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Cnn {
+    /// Creates (or looks up) the layers under `vb`.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let cfg = Default::default();
+        Ok(Cnn {
+            conv1: conv2d(1, 32, 3, cfg, vb.pp("conv1"))?,
+            conv2: conv2d(32, 64, 3, cfg, vb.pp("conv2"))?,
+            conv3: conv2d(64, 64, 3, cfg, vb.pp("conv3"))?,
+            // 28 -conv-> 26 -pool-> 13 -conv-> 11 -pool-> 5 -conv-> 3.
+            fc1: linear(64 * 3 * 3, 128, vb.pp("fc1"))?,
+            fc2: linear(128, 10, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Cnn {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = max_pool_2x2(&self.conv1.forward(xs)?.relu()?)?;
+        let xs = max_pool_2x2(&self.conv2.forward(&xs)?.relu()?)?;
+        let xs = self.conv3.forward(&xs)?.relu()?;
+        let xs = self.fc1.forward(&xs.flatten_from(1)?)?.relu()?;
+        self.fc2.forward(&xs)
+    }
+}

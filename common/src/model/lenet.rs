@@ -1,0 +1,36 @@
+use super::max_pool_2x2;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder, conv2d, linear};
+
+/// LeNet as in the MXNet tutorial: conv 5x5x20, tanh, pool, conv 5x5x50, tanh, pool,
+/// fc 500 with tanh, fc 10 (431,080 parameters).
+#[derive(Debug, Clone)]
+pub struct Lenet {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Lenet {
+    /// Creates (or looks up) the layers under `vb`.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let cfg = Default::default();
+        Ok(Lenet {
+            conv1: conv2d(1, 20, 5, cfg, vb.pp("conv1"))?,
+            conv2: conv2d(20, 50, 5, cfg, vb.pp("conv2"))?,
+            // 28 -conv-> 24 -pool-> 12 -conv-> 8 -pool-> 4.
+            fc1: linear(50 * 4 * 4, 500, vb.pp("fc1"))?,
+            fc2: linear(500, 10, vb.pp("fc2"))?,
+        })
+    }
+}
+
+impl Module for Lenet {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = max_pool_2x2(&self.conv1.forward(xs)?.tanh()?)?;
+        let xs = max_pool_2x2(&self.conv2.forward(&xs)?.tanh()?)?;
+        let xs = self.fc1.forward(&xs.flatten_from(1)?)?.tanh()?;
+        self.fc2.forward(&xs)
+    }
+}

@@ -1,0 +1,192 @@
+use super::{Cnn, Lenet, Mlp, MlpDropout, ModelKind, Softmax};
+use crate::Result;
+use candle_core::{Module, ModuleT, Tensor};
+use candle_nn::VarBuilder;
+
+/// One of the tutorials' networks, chosen at run time: input `(batch, 1, 28, 28)` in `f32`
+/// (or whatever dtype `vb` has), output logits `(batch, 10)`.
+#[derive(Debug)]
+pub enum Network {
+    /// See [`Softmax`].
+    Softmax(Softmax),
+    /// See [`Mlp`].
+    Mlp(Mlp),
+    /// See [`MlpDropout`].
+    MlpDropout(MlpDropout),
+    /// See [`Lenet`].
+    Lenet(Lenet),
+    /// See [`Cnn`].
+    Cnn(Cnn),
+}
+
+impl Network {
+    /// Creates the variables of `kind` under `vb` (or finds them, when `vb` already has them).
+    pub fn build(kind: ModelKind, vb: VarBuilder) -> Result<Network> {
+        Ok(match kind {
+            ModelKind::Softmax => Network::Softmax(Softmax::new(vb)?),
+            ModelKind::Mlp => Network::Mlp(Mlp::new(vb)?),
+            ModelKind::MlpDropout => Network::MlpDropout(MlpDropout::new(vb)?),
+            ModelKind::Lenet => Network::Lenet(Lenet::new(vb)?),
+            ModelKind::Cnn => Network::Cnn(Cnn::new(vb)?),
+        })
+    }
+
+    /// Which network this is.
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Network::Softmax(_) => ModelKind::Softmax,
+            Network::Mlp(_) => ModelKind::Mlp,
+            Network::MlpDropout(_) => ModelKind::MlpDropout,
+            Network::Lenet(_) => ModelKind::Lenet,
+            Network::Cnn(_) => ModelKind::Cnn,
+        }
+    }
+
+    /// Fixes the dropout masks of the next training pass to those `seed` determines; call it
+    /// before every step so that a step's masks do not depend on how many passes came before.
+    /// Networks without dropout ignore it.
+    pub fn reseed_dropout(&self, seed: u64) {
+        if let Network::MlpDropout(net) = self {
+            net.reseed(seed);
+        }
+    }
+}
+
+impl ModuleT for Network {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match self {
+            Network::Softmax(net) => net.forward(xs),
+            Network::Mlp(net) => net.forward(xs),
+            Network::MlpDropout(net) => net.forward_t(xs, train),
+            Network::Lenet(net) => net.forward(xs),
+            Network::Cnn(net) => net.forward(xs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn build(kind: ModelKind, dtype: DType) -> (VarMap, Network) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let net = Network::build(kind, vb).unwrap();
+        (varmap, net)
+    }
+
+    fn parameter_count(varmap: &VarMap) -> usize {
+        varmap.all_vars().iter().map(|v| v.elem_count()).sum()
+    }
+
+    #[test]
+    fn parameter_counts_match_the_tutorials() {
+        let expected = [
+            (ModelKind::Softmax, 7_850),
+            (ModelKind::Mlp, 109_386),
+            (ModelKind::MlpDropout, 535_818),
+            (ModelKind::Lenet, 431_080),
+            (ModelKind::Cnn, 130_890),
+        ];
+        for (kind, count) in expected {
+            let (varmap, net) = build(kind, DType::F32);
+            assert_eq!(parameter_count(&varmap), count, "{kind}");
+            assert_eq!(net.kind(), kind);
+        }
+    }
+
+    #[test]
+    fn every_network_maps_images_to_ten_logits() {
+        let xs = Tensor::rand(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+        for kind in ModelKind::ALL {
+            let (_varmap, net) = build(kind, DType::F32);
+            for train in [false, true] {
+                let logits = net.forward_t(&xs, train).unwrap();
+                assert_eq!(logits.dims(), &[3, 10], "{kind}");
+                assert_eq!(logits.dtype(), DType::F32);
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_masks_follow_the_seed() {
+        let (_varmap, net) = build(ModelKind::MlpDropout, DType::F32);
+        let xs = Tensor::rand(0f32, 1., (4, 1, 28, 28), &Device::Cpu).unwrap();
+        let pass = |seed| {
+            net.reseed_dropout(seed);
+            net.forward_t(&xs, true)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let eval = || {
+            net.forward_t(&xs, false)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(pass(5), pass(5));
+        assert_ne!(pass(5), pass(6));
+        assert_eq!(eval(), eval());
+        assert_ne!(pass(5), eval());
+    }
+
+    /// Backprop through the whole network against central differences, in f64 so that the
+    /// differences are precise; a few coordinates of every tensor.
+    fn check_gradient_against_finite_differences(kind: ModelKind) {
+        let dev = Device::Cpu;
+        let (varmap, net) = build(kind, DType::F64);
+        let xs = Tensor::rand(0f64, 1., (2, 1, 28, 28), &dev).unwrap();
+        let labels = Tensor::new(&[3u32, 7], &dev).unwrap();
+        let loss = || {
+            let logits = net.forward_t(&xs, false).unwrap();
+            candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
+        };
+        let grads = loss().backward().unwrap();
+        let eps = 1e-5;
+        let mut vars: Vec<_> = varmap.data().lock().unwrap().clone().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, var) in vars {
+            let values = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let grad = grads
+                .get(&var)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for i in [0, values.len() / 3, values.len() - 1] {
+                let at = |delta: f64| {
+                    let mut moved = values.clone();
+                    moved[i] += delta;
+                    var.set(&Tensor::from_vec(moved, var.shape(), &dev).unwrap())
+                        .unwrap();
+                    loss().to_scalar::<f64>().unwrap()
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                at(0.0);
+                assert!(
+                    (numeric - grad[i]).abs() <= 1e-7 + 1e-4 * numeric.abs(),
+                    "{kind} {name}[{i}]: finite differences {numeric}, backprop {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lenet_gradient_matches_finite_differences() {
+        check_gradient_against_finite_differences(ModelKind::Lenet);
+    }
+
+    #[test]
+    fn cnn_gradient_matches_finite_differences() {
+        check_gradient_against_finite_differences(ModelKind::Cnn);
+    }
+}

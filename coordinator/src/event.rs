@@ -1,0 +1,32 @@
+use common::ids::WorkerId;
+use proto::v1::{CoordinatorMessage, EvalReport, GradientReport};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Where the coordinator's messages to one worker go: the worker's session stream.
+pub type Outbox = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// Everything the training loop hears about, in one queue, so that it reacts to reports,
+/// arrivals and departures in a single place.
+#[derive(Debug)]
+pub enum Event {
+    /// A registered worker opened its session.
+    Joined { worker: WorkerId, outbox: Outbox },
+    /// A worker answered.
+    Report { worker: WorkerId, report: Report },
+    /// A worker's session ended.
+    Left { worker: WorkerId, reason: String },
+    /// A worker process spawned by this coordinator ended.
+    ProcessExited { index: usize, status: String },
+}
+
+/// A worker's answer to a request.
+#[derive(Debug)]
+pub enum Report {
+    /// The gradient of its part of a step.
+    Gradient(GradientReport),
+    /// Sums over its part of the test set.
+    Eval(EvalReport),
+    /// It could not do what it was asked.
+    Failure(String),
+}

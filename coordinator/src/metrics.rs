@@ -1,0 +1,37 @@
+use serde::{Deserialize, Serialize};
+
+/// One line of `metrics.jsonl`: what an epoch did. Field names are part of the user-facing
+/// contract (README, "Metrics").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch number.
+    pub epoch: u32,
+    /// Mean cross-entropy over the training images of the epoch (dropout on).
+    pub train_loss: f64,
+    /// Fraction of training images classified correctly while training.
+    pub train_accuracy: f64,
+    /// Mean cross-entropy over the test set after the epoch.
+    pub test_loss: f64,
+    /// Fraction of the test set classified correctly after the epoch.
+    pub test_accuracy: f64,
+    /// Training images used in the epoch.
+    pub samples: u64,
+    /// Test images evaluated.
+    pub test_samples: u64,
+    /// Workers taking part.
+    pub workers: usize,
+    /// Training images per second (training time only, evaluation excluded).
+    pub images_per_sec: f64,
+    /// Wall time of the epoch, evaluation and checkpoint included.
+    pub seconds: f64,
+    /// Wall time of the training steps.
+    pub train_seconds: f64,
+    /// Wall time of the evaluation.
+    pub eval_seconds: f64,
+    /// Steps in the epoch.
+    pub steps: u64,
+    /// Steps since the start of the job, this epoch's included.
+    pub global_step: u64,
+    /// Learning rate of the epoch's last step.
+    pub lr: f32,
+}

@@ -1,0 +1,219 @@
+//! The gRPC face of the coordinator: registration, worker sessions and dataset transfer.
+//! Protobuf types stop here; the training loop sees [`Event`]s.
+
+use crate::event::{Event, Report};
+use common::{dataset::dataset_files, ids::WorkerId};
+use proto::v1::{
+    DatasetChunk, FetchDatasetRequest, JobSpec, RegisterReply, RegisterRequest, WorkerMessage,
+    coordinator_server::Coordinator, worker_message::Kind,
+};
+use sha2::{Digest, Sha256};
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+use tokio::{io::AsyncReadExt, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+/// Size of the pieces a dataset file is sent in.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// The coordinator's gRPC service.
+pub struct CoordinatorService {
+    job: JobSpec,
+    data_dir: PathBuf,
+    events: mpsc::UnboundedSender<Event>,
+    next_id: AtomicU64,
+    registered: Mutex<HashSet<WorkerId>>,
+    in_session: Arc<Mutex<HashSet<WorkerId>>>,
+}
+
+impl CoordinatorService {
+    /// A service for `job`, serving the dataset in `data_dir` and reporting to `events`.
+    pub fn new(job: JobSpec, data_dir: PathBuf, events: mpsc::UnboundedSender<Event>) -> Self {
+        CoordinatorService {
+            job,
+            data_dir,
+            events,
+            next_id: AtomicU64::new(1),
+            registered: Mutex::default(),
+            in_session: Arc::default(),
+        }
+    }
+
+    fn check_registration(&self, request: &RegisterRequest) -> Result<(), Status> {
+        if request.protocol_version != proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker speaks protocol version {}, this coordinator speaks {}",
+                request.protocol_version,
+                proto::PROTOCOL_VERSION
+            )));
+        }
+        if !request.dataset_digest.is_empty() && request.dataset_digest != self.job.dataset_digest {
+            return Err(Status::failed_precondition(format!(
+                "worker's local dataset (sha256 {}) differs from the coordinator's (sha256 {}); \
+                 point --data-dir at the same files or at an empty directory to receive them",
+                short(&request.dataset_digest),
+                short(&self.job.dataset_digest)
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        if let Err(status) = self.check_registration(&request) {
+            warn!(?peer, host = %request.hostname, "registration refused: {}", status.message());
+            return Err(status);
+        }
+        let worker = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.registered.lock().expect("poisoned").insert(worker);
+        info!(%worker, ?peer, host = %request.hostname, pid = request.pid, device = %request.device, "worker registered");
+        Ok(Response::new(RegisterReply {
+            worker_id: worker.0,
+            job: Some(self.job.clone()),
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<proto::v1::CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let worker = match inbound.message().await?.and_then(|m| m.kind) {
+            Some(Kind::Hello(hello)) => WorkerId(hello.worker_id),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be `hello`",
+                ));
+            }
+        };
+        if !self.registered.lock().expect("poisoned").contains(&worker) {
+            return Err(Status::not_found(format!(
+                "worker {worker} is not registered; call Register first"
+            )));
+        }
+        if !self.in_session.lock().expect("poisoned").insert(worker) {
+            return Err(Status::already_exists(format!(
+                "worker {worker} already has a session"
+            )));
+        }
+        // Small: the loop sends one request per worker and waits for its answer.
+        let (outbox, outbound) = mpsc::channel(4);
+        let events = self.events.clone();
+        let in_session = Arc::clone(&self.in_session);
+        let _ = events.send(Event::Joined { worker, outbox });
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        let report = match message.kind {
+                            Some(Kind::Gradient(g)) => Report::Gradient(g),
+                            Some(Kind::Eval(e)) => Report::Eval(e),
+                            Some(Kind::Failure(f)) => Report::Failure(f.message),
+                            Some(Kind::Hello(_)) | None => {
+                                Report::Failure("sent an unexpected message kind".into())
+                            }
+                        };
+                        if events.send(Event::Report { worker, report }).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break "closed its session".to_string(),
+                    Err(status) => break format!("session broke: {}", status.message()),
+                }
+            };
+            in_session.lock().expect("poisoned").remove(&worker);
+            let _ = events.send(Event::Left { worker, reason });
+        });
+        Ok(Response::new(ReceiverStream::new(outbound)))
+    }
+
+    type FetchDatasetStream = ReceiverStream<Result<DatasetChunk, Status>>;
+
+    async fn fetch_dataset(
+        &self,
+        request: Request<FetchDatasetRequest>,
+    ) -> Result<Response<Self::FetchDatasetStream>, Status> {
+        info!(peer = ?request.remote_addr(), "sending the dataset");
+        let files = dataset_files(&self.data_dir)
+            .map_err(|e| Status::unavailable(format!("dataset not available: {e}")))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for path in files {
+                if let Err(status) = send_file(&path, &tx).await {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Sends one file in chunks; the last chunk carries the file's SHA-256.
+async fn send_file(
+    path: &std::path::Path,
+    tx: &mpsc::Sender<Result<DatasetChunk, Status>>,
+) -> Result<(), Status> {
+    let io_error = |e: std::io::Error| Status::internal(format!("{}: {e}", path.display()));
+    let mut file = tokio::fs::File::open(path).await.map_err(io_error)?;
+    let file_size = file.metadata().await.map_err(io_error)?.len();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    loop {
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < CHUNK_BYTES {
+            let read = file.read(&mut buffer[filled..]).await.map_err(io_error)?;
+            if read == 0 {
+                break;
+            }
+            filled += read;
+        }
+        buffer.truncate(filled);
+        hasher.update(&buffer);
+        let last = offset + filled as u64 >= file_size;
+        let chunk = DatasetChunk {
+            file_name: file_name.clone(),
+            offset,
+            file_size,
+            sha256: if last {
+                hex::encode(hasher.clone().finalize())
+            } else {
+                String::new()
+            },
+            data: buffer.into(),
+        };
+        offset += filled as u64;
+        if tx.send(Ok(chunk)).await.is_err() {
+            return Ok(());
+        }
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}

@@ -1,0 +1,109 @@
+//! The real binaries as separate processes, as a user runs them.
+
+use crate::support::{binary, init_logging, mnist_dir};
+use std::{process::Command, time::Instant};
+use tracing::info;
+
+/// `coordinator --workers 2` spawns two worker processes, trains the MLP over gRPC on real
+/// MNIST and writes metrics and checkpoints.
+#[test]
+fn two_worker_processes_train_mlp_past_95_percent() -> anyhow::Result<()> {
+    init_logging();
+    let run_dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    let output = Command::new(binary("coordinator"))
+        .args(["--workers", "2", "--model", "mlp", "--epochs", "2"])
+        .arg("--data-dir")
+        .arg(mnist_dir())
+        .arg("--run-dir")
+        .arg(run_dir.path())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "coordinator failed:\n{stderr}");
+    println!("{stdout}wall time {:.1} s", started.elapsed().as_secs_f64());
+
+    let metrics = std::fs::read_to_string(run_dir.path().join("metrics.jsonl"))?;
+    let records: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(records.len(), 2);
+    for record in &records {
+        assert_eq!(record["samples"], 60_000, "{record}");
+        assert_eq!(record["workers"], 2);
+        for field in ["train_loss", "test_loss", "images_per_sec", "seconds"] {
+            assert!(
+                record[field].as_f64().is_some_and(f64::is_finite),
+                "{field}"
+            );
+        }
+    }
+    let accuracy = records[1]["test_accuracy"].as_f64().expect("a number");
+    assert!(accuracy >= 0.95, "test accuracy {accuracy}");
+    for epoch in 1..=2 {
+        let stem = run_dir.path().join(format!("checkpoints/epoch-{epoch:04}"));
+        assert!(stem.with_extension("safetensors").is_file());
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json"))?)?;
+        assert_eq!(meta["epoch"], epoch);
+        assert_eq!(meta["model"], "mlp");
+    }
+    assert!(run_dir.path().join("summary.json").is_file());
+    Ok(())
+}
+
+/// Bad flags and bad data end the coordinator with an error that names the problem.
+#[test]
+fn bad_flags_and_corrupt_data_are_named() -> anyhow::Result<()> {
+    init_logging();
+    let run = |args: &[&str]| -> anyhow::Result<(bool, String)> {
+        let output = Command::new(binary("coordinator")).args(args).output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    };
+
+    info!("--- unknown model");
+    let (ok, stderr) = run(&["--model", "resnet"])?;
+    assert!(!ok);
+    assert!(
+        stderr.contains("resnet") && stderr.contains("lenet"),
+        "{stderr}"
+    );
+
+    info!("--- zero batch");
+    let (ok, stderr) = run(&["--batch-size", "0", "--workers", "1"])?;
+    assert!(!ok);
+    assert!(stderr.contains("batch-size"), "{stderr}");
+
+    info!("--- truncated images file");
+    let data = tempfile::tempdir()?;
+    for name in common::dataset::FILE_NAMES {
+        std::fs::copy(mnist_dir().join(name), data.path().join(name)).or_else(|_| {
+            std::fs::copy(
+                mnist_dir().join(format!("{name}.gz")),
+                data.path().join(format!("{name}.gz")),
+            )
+        })?;
+    }
+    let images = common::dataset::dataset_files(data.path())?[2].clone();
+    let bytes = std::fs::read(&images)?;
+    std::fs::write(&images, &bytes[..bytes.len() / 2])?;
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let runs = tempfile::tempdir()?;
+    let run_dir = runs.path().to_string_lossy().into_owned();
+    let (ok, stderr) = run(&[
+        "--workers",
+        "1",
+        "--data-dir",
+        &data_dir,
+        "--run-dir",
+        &run_dir,
+    ])?;
+    assert!(!ok);
+    let file_name = images.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(stderr.contains(&file_name), "{stderr}");
+    Ok(())
+}

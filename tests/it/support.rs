@@ -1,0 +1,98 @@
+//! The test harness: MNIST on disk, the real binaries, and in-process clusters.
+
+use common::fetch::{default_data_dir, ensure_mnist};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Logs of the code under test, shown for failing tests (RUST_LOG filters).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// The real MNIST, fetched into the shared cache the first time.
+pub fn mnist_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = default_data_dir();
+        ensure_mnist(&dir).expect("MNIST is available");
+        dir
+    })
+    .clone()
+}
+
+/// Path of a binary of this workspace, built (once per test process) with the profile the
+/// tests were built with, so the tests always run the current code.
+pub fn binary(name: &str) -> PathBuf {
+    static PROFILE_DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = PROFILE_DIR.get_or_init(|| {
+        // The test runs as target/<profile>/deps/it-<hash>.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps layout")
+            .to_path_buf();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args([
+            "build",
+            "--quiet",
+            "--bin",
+            "coordinator",
+            "--bin",
+            "worker",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("cargo runs");
+        assert!(status.success(), "building the binaries failed");
+        profile_dir
+    });
+    dir.join(name)
+}
+
+/// A coordinator configuration for tests: external in-process workers, a temporary run
+/// directory, the shared MNIST.
+pub fn test_config(run_dir: &Path) -> coordinator::Config {
+    coordinator::Config {
+        external_workers: true,
+        data_dir: Some(mnist_dir()),
+        run_dir: Some(run_dir.to_path_buf()),
+        ..coordinator::Config::default()
+    }
+}
+
+/// Runs a job with `config.workers` workers as tasks of this process, talking real gRPC over
+/// loopback. `worker_data_dir` is where the workers look for data (default: the shared MNIST).
+pub async fn train_in_process(
+    config: coordinator::Config,
+    worker_data_dir: Option<PathBuf>,
+) -> anyhow::Result<coordinator::Summary> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let workers: Vec<_> = (0..config.workers)
+        .map(|_| {
+            let config = worker::Config {
+                data_dir: Some(worker_data_dir.clone().unwrap_or_else(mnist_dir)),
+                ..worker::Config::new(url.clone())
+            };
+            tokio::spawn(worker::run(config, shutdown.child_token()))
+        })
+        .collect();
+    let summary = coordinator::run(config, listener, shutdown).await?;
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(summary)
+}

@@ -118,7 +118,12 @@ pub fn ensure_mnist(dir: &Path) -> Result<()> {
             }
             Err(e) => {
                 warn!(%source, error = %e, "source failed");
-                failures.push(format!("{source}: {e}"));
+                // The overall error already says "could not fetch"; keep only the detail.
+                let detail = match e {
+                    Error::Fetch(detail) => detail,
+                    other => other.to_string(),
+                };
+                failures.push(format!("{source}: {detail}"));
             }
         }
     }

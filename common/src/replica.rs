@@ -77,7 +77,7 @@ impl Replica {
 
     /// The gradient of the mean cross-entropy of `images` (`(b, 1, 28, 28)`, `f32`) against
     /// `labels` (`(b,)`, integers), at `flat_params`, with dropout masks fixed by
-    /// `dropout_seed`.
+    /// `dropout_seed`. An empty batch gives a zero gradient with `count` 0.
     pub fn gradient(
         &mut self,
         flat_params: &[f32],
@@ -87,6 +87,15 @@ impl Replica {
     ) -> Result<BatchGradient> {
         self.params.load_flat(flat_params)?;
         let (images, labels) = self.inputs(images, labels)?;
+        if labels.dims1()? == 0 {
+            // A share of a step can be empty; it then weighs nothing in the average.
+            return Ok(BatchGradient {
+                loss_sum: 0.0,
+                correct: 0,
+                count: 0,
+                gradient: vec![0.0; self.params.len()],
+            });
+        }
         self.network.reseed_dropout(dropout_seed);
         let logits = self.network.forward_t(&images, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
@@ -101,7 +110,7 @@ impl Replica {
         })
     }
 
-    /// Loss and accuracy of `flat_params` on a batch, without dropout.
+    /// Loss and accuracy of `flat_params` on a batch, without dropout; zeros for an empty batch.
     pub fn evaluate(
         &mut self,
         flat_params: &[f32],
@@ -110,6 +119,9 @@ impl Replica {
     ) -> Result<EvalSums> {
         self.params.load_flat(flat_params)?;
         let (images, labels) = self.inputs(images, labels)?;
+        if labels.dims1()? == 0 {
+            return Ok(EvalSums::default());
+        }
         let logits = self.network.forward_t(&images, false)?.detach();
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         sums(&logits, &loss, &labels)
@@ -237,6 +249,18 @@ mod tests {
     }
 
     #[test]
+    fn empty_batches_weigh_nothing() {
+        let mut replica = Replica::new(ModelKind::Lenet, &Device::Cpu).unwrap();
+        let params = replica.params().init_flat(1);
+        let (images, labels) = batch(0, 5);
+        let out = replica.gradient(&params, &images, &labels, 0).unwrap();
+        assert_eq!((out.count, out.loss_sum), (0, 0.0));
+        assert!(out.gradient.iter().all(|&g| g == 0.0));
+        let sums = replica.evaluate(&params, &images, &labels).unwrap();
+        assert_eq!(sums, EvalSums::default());
+    }
+
+    #[test]
     fn wrong_parameter_count_is_refused() {
         let mut replica = Replica::new(ModelKind::Softmax, &Device::Cpu).unwrap();
         let (images, labels) = batch(2, 3);
@@ -279,7 +303,8 @@ mod tests {
     }
 
     /// Single-thread cost of one training step's computation per model; run with
-    /// `RAYON_NUM_THREADS=1 cargo test --release -p common gradient_timing -- --ignored --nocapture`.
+    /// `RAYON_NUM_THREADS=1 cargo test -p common gradient_timing -- --ignored --nocapture`
+    /// (the dev profile optimises candle, where the time goes).
     #[test]
     #[ignore]
     fn gradient_timing() {

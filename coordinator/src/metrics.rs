@@ -26,6 +26,9 @@ pub struct EpochRecord {
     pub seconds: f64,
     /// Wall time of the training steps.
     pub train_seconds: f64,
+    /// Part of `train_seconds` spent computing gradients: per step, the slowest worker's
+    /// time. The rest is communication, averaging and waiting.
+    pub compute_seconds: f64,
     /// Wall time of the evaluation.
     pub eval_seconds: f64,
     /// Steps in the epoch.

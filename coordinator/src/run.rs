@@ -74,6 +74,8 @@ pub async fn run(
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(proto::WINDOW_BYTES)
+            .initial_connection_window_size(proto::WINDOW_BYTES)
             .add_service(
                 CoordinatorServer::new(service)
                     .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)

@@ -60,6 +60,8 @@ struct EpochSums {
     count: u64,
     loss_sum: f64,
     correct: u64,
+    /// Sum over steps of the slowest worker's computing time.
+    compute_seconds: f64,
 }
 
 /// Everything the training loop needs; see [`Trainer::run`].
@@ -181,6 +183,7 @@ impl Trainer {
                 images_per_sec: sums.count as f64 / train_seconds,
                 seconds: 0.0,
                 train_seconds,
+                compute_seconds: sums.compute_seconds,
                 eval_seconds,
                 steps,
                 global_step,
@@ -283,6 +286,10 @@ impl Trainer {
                 _ => None,
             })
             .await?;
+        sums.compute_seconds += reports
+            .iter()
+            .map(|(_, r)| r.compute_seconds)
+            .fold(0.0, f64::max);
         for (_, report) in &reports {
             sums.count += report.count;
             sums.loss_sum += report.loss_sum;

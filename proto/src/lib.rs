@@ -17,3 +17,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest message either side accepts: a chunked dataset file or the largest model's
 /// parameters (mlp-dropout, 2.1 MB) fit with room to spare.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// HTTP/2 flow-control window for every stream and connection. The default 64 KiB would make
+/// each 0.4-2 MB tensor message wait for several window updates, a round trip each, which
+/// dominates a step on loopback.
+pub const WINDOW_BYTES: u32 = 16 * 1024 * 1024;

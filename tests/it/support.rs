@@ -46,10 +46,11 @@ pub fn binary(name: &str) -> PathBuf {
         cargo.args([
             "build",
             "--quiet",
-            "--bin",
+            "-p",
             "coordinator",
-            "--bin",
+            "-p",
             "worker",
+            "--bins",
         ]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cargo.arg("--release");

@@ -200,7 +200,9 @@ async fn connect(url: &str, timeout: Duration, shutdown: &CancellationToken) -> 
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| unreachable(format!("not a valid URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(proto::WINDOW_BYTES)
+        .initial_connection_window_size(proto::WINDOW_BYTES);
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(100);
     loop {

@@ -1,6 +1,6 @@
-use super::max_pool_2x2;
+use super::{Conv2d, conv2d, max_pool_2x2};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder, conv2d, linear};
+use candle_nn::{Linear, VarBuilder, linear};
 
 /// The Keras tutorial's convolutional network: conv 3x3x32, pool, conv 3x3x64, pool,
 /// conv 3x3x64, fc 128, fc 10, all with ReLU (130,890 parameters).
@@ -16,11 +16,10 @@ pub struct Cnn {
 impl Cnn {
     /// Creates (or looks up) the layers under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
-        let cfg = Default::default();
         Ok(Cnn {
-            conv1: conv2d(1, 32, 3, cfg, vb.pp("conv1"))?,
-            conv2: conv2d(32, 64, 3, cfg, vb.pp("conv2"))?,
-            conv3: conv2d(64, 64, 3, cfg, vb.pp("conv3"))?,
+            conv1: conv2d(1, 32, 3, vb.pp("conv1"))?,
+            conv2: conv2d(32, 64, 3, vb.pp("conv2"))?,
+            conv3: conv2d(64, 64, 3, vb.pp("conv3"))?,
             // 28 -conv-> 26 -pool-> 13 -conv-> 11 -pool-> 5 -conv-> 3.
             fc1: linear(64 * 3 * 3, 128, vb.pp("fc1"))?,
             fc2: linear(128, 10, vb.pp("fc2"))?,

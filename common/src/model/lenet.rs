@@ -1,6 +1,6 @@
-use super::max_pool_2x2;
+use super::{Conv2d, conv2d, max_pool_2x2};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder, conv2d, linear};
+use candle_nn::{Linear, VarBuilder, linear};
 
 /// LeNet as in the MXNet tutorial: conv 5x5x20, tanh, pool, conv 5x5x50, tanh, pool,
 /// fc 500 with tanh, fc 10 (431,080 parameters).
@@ -15,10 +15,9 @@ pub struct Lenet {
 impl Lenet {
     /// Creates (or looks up) the layers under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
-        let cfg = Default::default();
         Ok(Lenet {
-            conv1: conv2d(1, 20, 5, cfg, vb.pp("conv1"))?,
-            conv2: conv2d(20, 50, 5, cfg, vb.pp("conv2"))?,
+            conv1: conv2d(1, 20, 5, vb.pp("conv1"))?,
+            conv2: conv2d(20, 50, 5, vb.pp("conv2"))?,
             // 28 -conv-> 24 -pool-> 12 -conv-> 8 -pool-> 4.
             fc1: linear(50 * 4 * 4, 500, vb.pp("fc1"))?,
             fc2: linear(500, 10, vb.pp("fc2"))?,

@@ -1,11 +1,12 @@
 //! The networks of the tutorials, built from a `VarBuilder`.
 //!
 //! Each network is a plain function of its variables: no device, optimiser or network code.
-//! Pooling and dropout have local implementations (see [`max_pool_2x2`] and
-//! [`SeededDropout`]) because candle's own are not fit for training that must be correct and
-//! repeatable.
+//! Convolution, pooling and dropout have local implementations ([`Conv2d`],
+//! [`max_pool_2x2`], [`SeededDropout`]) because candle's own are too slow to train with, wrong
+//! in the backward pass, or unseeded, in that order.
 
 mod cnn;
+mod conv;
 mod dropout;
 mod kind;
 mod lenet;
@@ -16,6 +17,7 @@ mod pool;
 mod softmax;
 
 pub use cnn::Cnn;
+pub use conv::{Conv2d, conv2d};
 pub use dropout::SeededDropout;
 pub use kind::ModelKind;
 pub use lenet::Lenet;

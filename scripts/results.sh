@@ -4,7 +4,8 @@
 #
 #   scripts/results.sh [RUNS_DIR]     (default: runs/results)
 #
-# Settings per model are below; every run uses the default seed.
+# Settings per model are below; every run uses the default seed. A model whose run directory
+# already has a summary.json is not trained again: delete RUNS_DIR to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/results}
@@ -14,16 +15,20 @@ cargo build --release --quiet --bin coordinator
 train() {
     local model=$1
     shift
+    if [ -f "$runs/$model/summary.json" ]; then
+        echo "== $model: already trained in $runs/$model" >&2
+        return
+    fi
     echo "== $model: $*" >&2
     target/release/coordinator --workers 4 --model "$model" --run-dir "$runs/$model" "$@" \
-        2> "$runs/$model.log"
+        > "$runs/$model.log" 2>&1
 }
 
-train softmax --epochs 5
+train softmax --epochs 5 --lr 0.01
 train mlp --epochs 10
 train mlp-dropout --epochs 15
 train lenet --epochs 5
-train cnn --epochs 5
+train cnn --epochs 5 --optimizer adam
 
 python3 - "$runs" <<'PY'
 import json, sys, pathlib

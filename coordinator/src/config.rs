@@ -78,8 +78,8 @@ pub struct Config {
     pub max_steps: Option<u64>,
 
     /// Directory of the four IDX files (raw or .gz). MNIST is fetched there if they are
-    /// missing [default: $LOCKSTEP_DATA_DIR or ~/.cache/lockstep/mnist].
-    #[arg(long)]
+    /// missing [default: ~/.cache/lockstep/mnist].
+    #[arg(long, env = "LOCKSTEP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
     /// Where metrics and checkpoints go [default: runs/<model>-<time>].

@@ -15,8 +15,8 @@ use common::{
 use proto::v1::{JobSpec, coordinator_server::CoordinatorServer};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tokio::{net::TcpListener, sync::mpsc};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 /// How long spawned workers get to exit after being told to, before they are killed.
@@ -73,7 +73,6 @@ pub async fn run(
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .initial_stream_window_size(proto::WINDOW_BYTES)
             .initial_connection_window_size(proto::WINDOW_BYTES)
             .add_service(
@@ -82,7 +81,9 @@ pub async fn run(
                     .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                // Accepted sockets do not get the builder's TCP settings: without NODELAY,
+                // Nagle and delayed ACKs add tens of milliseconds to every step.
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
                 server_stop.clone().cancelled_owned(),
             ),
     );

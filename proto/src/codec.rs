@@ -41,7 +41,7 @@ fn chunks<'a>(
     field: &'static str,
     bytes: &'a [u8],
 ) -> Result<impl Iterator<Item = [u8; 4]> + 'a, CodecError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(CodecError {
             field,
             len: bytes.len(),

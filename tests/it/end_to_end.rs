@@ -107,3 +107,57 @@ fn bad_flags_and_corrupt_data_are_named() -> anyhow::Result<()> {
     assert!(stderr.contains(&file_name), "{stderr}");
     Ok(())
 }
+
+/// SIGTERM (what Ctrl-C or Kubernetes sends) stops the job: the coordinator dismisses its
+/// workers, every worker process exits, and the exit code says training did not complete.
+#[test]
+fn sigterm_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    init_logging();
+    let run_dir = tempfile::tempdir()?;
+    let mut coordinator = Command::new(binary("coordinator"))
+        .args(["--workers", "2", "--epochs", "50"])
+        .arg("--data-dir")
+        .arg(mnist_dir())
+        .arg("--run-dir")
+        .arg(run_dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(coordinator.stderr.take().expect("piped")).lines();
+    let mut worker_pids = Vec::new();
+    for line in lines.by_ref() {
+        let line = line?;
+        if line.contains("spawned worker process") {
+            let pid = line.rsplit("pid=").next().expect("pid field").trim();
+            worker_pids.push(pid.parse::<u32>()?);
+        }
+        if line.contains("training starts") {
+            break;
+        }
+    }
+    assert_eq!(worker_pids.len(), 2);
+
+    info!("--- SIGTERM");
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &coordinator.id().to_string()])
+        .status()?;
+    assert!(kill.success());
+    // Keep draining stderr so the coordinator never blocks on a full pipe.
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let status = coordinator.wait()?;
+    let log = drain.join().expect("drain thread").join("\n");
+    println!(
+        "stopped {:.2} s after SIGTERM",
+        signalled.elapsed().as_secs_f64()
+    );
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    for pid in worker_pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker process {pid} still exists"
+        );
+    }
+    Ok(())
+}

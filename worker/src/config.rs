@@ -12,7 +12,7 @@ pub struct Config {
     /// Directory of the four IDX files. Without them there, the worker receives the
     /// coordinator's dataset and stores it there [default: $LOCKSTEP_DATA_DIR or
     /// ~/.cache/lockstep/mnist].
-    #[arg(long)]
+    #[arg(long, env = "LOCKSTEP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
     /// Where to compute: cpu, or cuda:N (needs the `cuda` feature).

@@ -11,11 +11,7 @@ pub struct CodecError {
 
 /// Encodes floats as little-endian bytes.
 pub fn encode_f32(values: &[f32]) -> Bytes {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for value in values {
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    out.into()
+    encode(values, f32::to_le_bytes)
 }
 
 /// Decodes little-endian floats; `field` names the field in the error.
@@ -25,16 +21,20 @@ pub fn decode_f32(field: &'static str, bytes: &[u8]) -> Result<Vec<f32>, CodecEr
 
 /// Encodes indices as little-endian bytes.
 pub fn encode_u32(values: &[u32]) -> Bytes {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for value in values {
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    out.into()
+    encode(values, u32::to_le_bytes)
 }
 
 /// Decodes little-endian indices; `field` names the field in the error.
 pub fn decode_u32(field: &'static str, bytes: &[u8]) -> Result<Vec<u32>, CodecError> {
     chunks(field, bytes).map(|c| c.map(u32::from_le_bytes).collect())
+}
+
+fn encode<T: Copy>(values: &[T], to_le_bytes: impl Fn(T) -> [u8; 4]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for &value in values {
+        out.extend_from_slice(&to_le_bytes(value));
+    }
+    out.into()
 }
 
 fn chunks<'a>(

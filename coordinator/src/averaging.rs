@@ -7,10 +7,21 @@
 use crate::{Error, Result};
 use common::{
     ids::WorkerId,
-    optim::{Optimizer, OptimizerConfig},
-    params::check_finite,
+    optim::{Optimizer, OptimizerConfig, OptimizerState},
 };
-use proto::v1::GradientReport;
+
+/// One member's accepted part of a step: checked for count, length and finite values by the
+/// training loop before it gets here.
+#[derive(Debug, Clone)]
+pub struct Contribution {
+    /// Images it covers, and sums over them.
+    pub count: u64,
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub compute_seconds: f64,
+    /// Gradient of the mean loss over those images.
+    pub gradient: Vec<f32>,
+}
 
 /// The ways gradients can be averaged.
 pub enum Averaging {
@@ -27,10 +38,18 @@ impl Averaging {
         }
     }
 
-    /// Combines one step's reports (in rank order) and applies the update with rate `lr`.
-    pub fn apply(&mut self, reports: &[(WorkerId, GradientReport)], lr: f32) -> Result<()> {
+    /// The optimiser's running state, for the resume checkpoint.
+    pub fn optimizer_state(&self) -> OptimizerState {
         match self {
-            Averaging::ParameterServer(ps) => ps.apply(reports, lr),
+            Averaging::ParameterServer(ps) => ps.optimizer.state(),
+        }
+    }
+
+    /// Combines one step's contributions (in rank order) and applies the update with rate
+    /// `lr`.
+    pub fn apply(&mut self, contributions: &[(WorkerId, Contribution)], lr: f32) -> Result<()> {
+        match self {
+            Averaging::ParameterServer(ps) => ps.apply(contributions, lr),
         }
     }
 }
@@ -43,7 +62,7 @@ pub struct ParameterServer {
 }
 
 impl ParameterServer {
-    /// A server starting from `parameters`.
+    /// A server starting from `parameters` with a fresh optimiser.
     pub fn new(parameters: Vec<f32>, optimizer: OptimizerConfig) -> Self {
         let len = parameters.len();
         ParameterServer {
@@ -53,33 +72,38 @@ impl ParameterServer {
         }
     }
 
-    /// Averages the reports weighted by their image counts, always in the order given (rank
-    /// order), so the result never depends on which worker answered first, then steps the
-    /// optimiser. A step in which no worker had images changes nothing.
-    fn apply(&mut self, reports: &[(WorkerId, GradientReport)], lr: f32) -> Result<()> {
-        let total: u64 = reports.iter().map(|(_, r)| r.count).sum();
+    /// A server carrying on from a checkpoint.
+    pub fn resume(
+        parameters: Vec<f32>,
+        optimizer: OptimizerConfig,
+        state: OptimizerState,
+    ) -> Result<Self> {
+        let len = parameters.len();
+        Ok(ParameterServer {
+            parameters,
+            optimizer: Optimizer::from_state(optimizer, state)?,
+            average: vec![0.0; len],
+        })
+    }
+
+    /// Averages the contributions weighted by their image counts, always in the order given
+    /// (rank order), so the result never depends on which worker answered first, then steps
+    /// the optimiser. A step in which no worker had images changes nothing.
+    fn apply(&mut self, contributions: &[(WorkerId, Contribution)], lr: f32) -> Result<()> {
+        let total: u64 = contributions.iter().map(|(_, c)| c.count).sum();
         if total == 0 {
             return Ok(());
         }
         self.average.fill(0.0);
-        for (worker, report) in reports.iter().filter(|(_, r)| r.count > 0) {
-            let bad = |problem: String| Error::BadReport {
-                worker: *worker,
-                what: "gradient",
-                problem,
-            };
-            let gradient =
-                proto::decode_f32("gradient", &report.gradient).map_err(|e| bad(e.to_string()))?;
-            if gradient.len() != self.parameters.len() {
-                return Err(bad(format!(
-                    "{} floats, the model has {} parameters",
-                    gradient.len(),
-                    self.parameters.len()
-                )));
-            }
-            check_finite("gradient", &gradient).map_err(|e| bad(e.to_string()))?;
-            let weight = report.count as f32 / total as f32;
-            for (sum, g) in self.average.iter_mut().zip(&gradient) {
+        for (worker, c) in contributions.iter().filter(|(_, c)| c.count > 0) {
+            // The training loop refuses gradients of the wrong length before they get here.
+            assert_eq!(
+                c.gradient.len(),
+                self.parameters.len(),
+                "gradient length of {worker}"
+            );
+            let weight = c.count as f32 / total as f32;
+            for (sum, g) in self.average.iter_mut().zip(&c.gradient) {
                 *sum += weight * g;
             }
         }

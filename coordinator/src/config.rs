@@ -5,7 +5,8 @@ use common::{
     model::ModelKind,
     optim::{OptimizerConfig, OptimizerKind},
 };
-use std::{net::SocketAddr, path::PathBuf};
+use proto::security::{JoinToken, ServerTls};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// How the coordinator runs a job; every flag can also come from the environment, so a
 /// Kubernetes manifest can set it.
@@ -93,6 +94,61 @@ pub struct Config {
     /// Program to spawn as a worker [default: this program, in worker mode].
     #[arg(long, env = "LOCKSTEP_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
+
+    /// Fewest workers the job trains with; below it the job pauses (see --pause-timeout).
+    #[arg(long, env = "LOCKSTEP_MIN_WORKERS", default_value_t = 1)]
+    pub min_workers: usize,
+
+    /// Most workers taking part at once; later arrivals are turned away [default: --workers].
+    #[arg(long, env = "LOCKSTEP_MAX_WORKERS")]
+    pub max_workers: Option<usize>,
+
+    /// Seconds after which a silent worker (no heartbeat), or one still computing that long
+    /// after all the others answered, is evicted.
+    #[arg(long, env = "LOCKSTEP_WORKER_TIMEOUT", default_value_t = 5.0)]
+    pub worker_timeout: f64,
+
+    /// Seconds the job waits, paused, for --min-workers workers before it fails.
+    #[arg(long, env = "LOCKSTEP_PAUSE_TIMEOUT", default_value_t = 300.0)]
+    pub pause_timeout: f64,
+
+    /// Write the resume checkpoint every this many steps (0: only at the end of each epoch).
+    #[arg(long, env = "LOCKSTEP_CHECKPOINT_EVERY", default_value_t = 100)]
+    pub checkpoint_every: u64,
+
+    /// Continue the job of this run directory from its resume checkpoint; the job's settings
+    /// come from the run directory, the cluster's (workers, addresses, timeouts) from the flags.
+    #[arg(long, env = "LOCKSTEP_RESUME", value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+
+    /// Times each spawned worker is restarted after dying, before its slot is given up.
+    #[arg(long, env = "LOCKSTEP_MAX_RESTARTS", default_value_t = 3)]
+    pub max_restarts: u32,
+
+    /// Secret every worker must present on every call; others get `Unauthenticated`.
+    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+
+    /// File holding the join token.
+    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain to serve TLS with (with --tls-key).
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require worker certificates signed by this PEM CA (mutual TLS).
+    #[arg(long, env = "LOCKSTEP_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// CA that signed --tls-cert, for the workers this coordinator spawns; the certificate
+    /// must then name `localhost`.
+    #[arg(long, env = "LOCKSTEP_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Learning-rate decay after warm-up.
@@ -127,6 +183,19 @@ impl Default for Config {
             run_dir: None,
             threads_per_worker: None,
             worker_bin: None,
+            min_workers: 1,
+            max_workers: None,
+            worker_timeout: 5.0,
+            pause_timeout: 300.0,
+            checkpoint_every: 100,
+            resume: None,
+            max_restarts: 3,
+            join_token: None,
+            join_token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_ca: None,
         }
     }
 }
@@ -171,8 +240,69 @@ impl Config {
                 "--threads-per-worker must be at least 1".into(),
             ));
         }
+        if self.min_workers == 0 || self.min_workers > self.workers {
+            return Err(Error::Config(format!(
+                "--min-workers must be between 1 and --workers ({}), got {}",
+                self.workers, self.min_workers
+            )));
+        }
+        if self.max_workers() < self.workers {
+            return Err(Error::Config(format!(
+                "--max-workers ({}) must be at least --workers ({})",
+                self.max_workers(),
+                self.workers
+            )));
+        }
+        for (flag, seconds) in [
+            ("--worker-timeout", self.worker_timeout),
+            ("--pause-timeout", self.pause_timeout),
+        ] {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e7) {
+                return Err(Error::Config(format!(
+                    "{flag} must be a positive number of seconds, got {seconds}"
+                )));
+            }
+        }
+        if self.tls_cert.is_some() && !self.external_workers && self.tls_ca.is_none() {
+            return Err(Error::Config(
+                "with --tls-cert, spawned workers need --tls-ca to check the certificate \
+                 (or use --external-workers)"
+                    .into(),
+            ));
+        }
+        self.join_token()?;
         self.job().validate()?;
         Ok(())
+    }
+
+    /// The join token, from the flag or the file.
+    pub fn join_token(&self) -> Result<Option<JoinToken>> {
+        JoinToken::resolve(self.join_token.clone(), self.join_token_file.clone())
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// TLS settings for serving, when --tls-cert is given.
+    pub fn tls(&self) -> Option<ServerTls> {
+        Some(ServerTls {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// Most workers taking part at once.
+    pub fn max_workers(&self) -> usize {
+        self.max_workers.unwrap_or(self.workers)
+    }
+
+    /// How long a worker may stay silent, or lag behind the others, before it is evicted.
+    pub fn worker_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.worker_timeout)
+    }
+
+    /// How long the job waits, paused, for enough workers.
+    pub fn pause_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.pause_timeout)
     }
 
     /// The address to serve on.

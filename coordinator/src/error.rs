@@ -1,4 +1,3 @@
-use common::ids::WorkerId;
 use std::path::PathBuf;
 
 /// Result with the coordinator's [`Error`].
@@ -15,25 +14,24 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    /// A member's session ended while the job needed it.
-    #[error("worker {worker} left during {phase}: {reason}")]
-    WorkerLost {
-        worker: WorkerId,
-        phase: String,
-        reason: String,
+    /// Fewer than `--min-workers` workers for longer than `--pause-timeout`.
+    #[error(
+        "paused with {members} of the {min} workers needed, and none came within {waited_secs:.0} s"
+    )]
+    TooFewWorkers {
+        members: usize,
+        min: usize,
+        waited_secs: f64,
     },
 
-    /// A member sent something that cannot be used.
-    #[error("worker {worker} sent a bad {what}: {problem}")]
-    BadReport {
-        worker: WorkerId,
-        what: &'static str,
-        problem: String,
-    },
+    /// Every worker's gradient for a step held NaN or infinity: the model diverged, which no
+    /// eviction can fix.
+    #[error("training diverged at step {step}: {problem} (try a lower --lr)")]
+    Diverged { step: u64, problem: String },
 
-    /// A spawned worker process ended before the job did.
-    #[error("worker process {index} exited ({status}) before training finished")]
-    WorkerExited { index: usize, status: String },
+    /// The resume checkpoint could not be written or read.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 
     /// A worker process could not be started.
     #[error("could not start worker process {}: {source}", program.display())]
@@ -61,12 +59,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the job could carry on without the party that caused this (a lost or
-    /// misbehaving worker), as opposed to a problem of the job itself.
+    /// Whether running the job again (or resuming it) may succeed, as opposed to a problem
+    /// of the job itself (bad flags, bad data, divergence).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::WorkerLost { .. } | Error::BadReport { .. } | Error::WorkerExited { .. }
+            Error::TooFewWorkers { .. } | Error::Transport(_) | Error::Io { .. }
         )
     }
 

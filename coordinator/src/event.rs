@@ -16,8 +16,13 @@ pub enum Event {
     Report { worker: WorkerId, report: Report },
     /// A worker's session ended.
     Left { worker: WorkerId, reason: String },
-    /// A worker process spawned by this coordinator ended.
-    ProcessExited { index: usize, status: String },
+    /// A worker process spawned by this coordinator ended; `restarting` says whether it is
+    /// being started again.
+    ProcessExited {
+        index: usize,
+        status: String,
+        restarting: bool,
+    },
 }
 
 /// A worker's answer to a request.
@@ -29,4 +34,6 @@ pub enum Report {
     Eval(EvalReport),
     /// It could not do what it was asked.
     Failure(String),
+    /// It is alive (sent while idle and while computing).
+    Heartbeat,
 }

@@ -8,7 +8,10 @@ mod config;
 mod error;
 mod event;
 mod local_workers;
+mod membership;
 mod metrics;
+mod progress;
+mod resume;
 mod run;
 mod run_dir;
 mod service;
@@ -16,6 +19,6 @@ mod trainer;
 
 pub use config::{Config, LrDecay};
 pub use error::{Error, Result};
-pub use metrics::EpochRecord;
+pub use metrics::{Departure, EpochRecord, JoinRecord};
 pub use run::run;
 pub use trainer::Summary;

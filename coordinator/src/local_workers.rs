@@ -1,15 +1,23 @@
 //! Worker processes that the coordinator starts on its own machine (`--workers N`).
 
 use crate::{Error, Result, event::Event};
+use proto::security::JoinToken;
 use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
-use tokio::{process::Command, sync::mpsc, task::JoinHandle};
+use tokio::{
+    process::{Child, Command},
+    sync::mpsc,
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+/// Pause before a dead worker is started again, so a worker that dies at once does not spin.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
 
 /// What to run as a worker.
 #[derive(Debug, Clone)]
@@ -27,6 +35,10 @@ pub struct LaunchSpec {
     pub coordinator_url: String,
     pub data_dir: PathBuf,
     pub threads: usize,
+    /// CA the workers check the coordinator's certificate with, when it serves TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Passed in the environment, not on the command line, where `ps` would show it.
+    pub join_token: Option<JoinToken>,
 }
 
 /// The spawned worker processes; each is watched, and killed if still alive at shutdown.
@@ -36,37 +48,63 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `count` workers. Each exit is reported on `events` as
-    /// [`Event::ProcessExited`].
+    /// Starts `count` workers. A worker that dies (exits with a failure status or by a signal)
+    /// while the job runs is started again, up to `max_restarts` times per slot; each exit is
+    /// reported on `events` as [`Event::ProcessExited`].
     pub fn spawn(
         spec: &LaunchSpec,
         count: usize,
+        max_restarts: u32,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<LocalWorkers> {
         let kill = CancellationToken::new();
         let mut watchers = Vec::with_capacity(count);
         for index in 0..count {
-            let mut command = worker_command(spec)?;
-            let program = PathBuf::from(command.as_std().get_program());
-            let mut child = command
-                .spawn()
-                .map_err(|source| Error::Spawn { program, source })?;
-            info!(index, pid = child.id(), "spawned worker process");
+            let first = start(spec, index)?;
+            let spec = spec.clone();
             let events = events.clone();
             let kill = kill.clone();
             watchers.push(tokio::spawn(async move {
-                let status = tokio::select! {
-                    status = child.wait() => status,
-                    () = kill.cancelled() => {
-                        let _ = child.start_kill();
-                        child.wait().await
+                let mut child = first;
+                let mut restarts = 0;
+                loop {
+                    let status = tokio::select! {
+                        status = child.wait() => status,
+                        () = kill.cancelled() => {
+                            let _ = child.start_kill();
+                            let _ = child.wait().await;
+                            return;
+                        }
+                    };
+                    // Exit status 0 means the worker was dismissed or asked to stop
+                    // (SIGTERM): it is not restarted.
+                    let failed = !status.as_ref().is_ok_and(|s| s.success());
+                    let restarting = failed && restarts < max_restarts && !kill.is_cancelled();
+                    let status = match status {
+                        Ok(status) => status.to_string(),
+                        Err(e) => format!("could not be waited for: {e}"),
+                    };
+                    let _ = events.send(Event::ProcessExited {
+                        index,
+                        status,
+                        restarting,
+                    });
+                    if !restarting {
+                        return;
                     }
-                };
-                let status = match status {
-                    Ok(status) => status.to_string(),
-                    Err(e) => format!("could not be waited for: {e}"),
-                };
-                let _ = events.send(Event::ProcessExited { index, status });
+                    restarts += 1;
+                    tokio::select! {
+                        () = tokio::time::sleep(RESTART_DELAY) => {}
+                        () = kill.cancelled() => return,
+                    }
+                    child = match start(&spec, index) {
+                        Ok(child) => child,
+                        Err(e) => {
+                            warn!(index, "cannot restart worker process: {e}");
+                            return;
+                        }
+                    };
+                }
             }));
         }
         Ok(LocalWorkers { watchers, kill })
@@ -91,6 +129,17 @@ impl LocalWorkers {
     }
 }
 
+/// Starts worker process `index`.
+fn start(spec: &LaunchSpec, index: usize) -> Result<Child> {
+    let mut command = worker_command(spec)?;
+    let program = PathBuf::from(command.as_std().get_program());
+    let child = command
+        .spawn()
+        .map_err(|source| Error::Spawn { program, source })?;
+    info!(index, pid = child.id(), "spawned worker process");
+    Ok(child)
+}
+
 fn worker_command(spec: &LaunchSpec) -> Result<Command> {
     let mut std_command = match &spec.program {
         WorkerProgram::CurrentExe => {
@@ -113,6 +162,26 @@ fn worker_command(spec: &LaunchSpec) -> Result<Command> {
         .arg("--threads")
         .arg(spec.threads.to_string())
         .stdin(Stdio::null());
+    if let Some(ca) = &spec.tls_ca {
+        std_command
+            .arg("--tls-ca")
+            .arg(absolute(ca))
+            .args(["--tls-domain", "localhost"]);
+    }
+    if let Some(token) = &spec.join_token {
+        std_command.env("LOCKSTEP_JOIN_TOKEN", token.expose());
+    }
+    // The workers belong to this coordinator: if it dies, even by SIGKILL, the kernel sends
+    // them SIGTERM rather than leaving them to wait for a coordinator that is gone.
+    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    unsafe {
+        std_command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut command = Command::from(std_command);
     command.kill_on_drop(true);
     Ok(command)

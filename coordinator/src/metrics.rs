@@ -18,7 +18,7 @@ pub struct EpochRecord {
     pub samples: u64,
     /// Test images evaluated.
     pub test_samples: u64,
-    /// Workers taking part.
+    /// Workers taking part at the end of the epoch.
     pub workers: usize,
     /// Training images per second (training time only, evaluation excluded).
     pub images_per_sec: f64,
@@ -37,4 +37,30 @@ pub struct EpochRecord {
     pub global_step: u64,
     /// Learning rate of the epoch's last step.
     pub lr: f32,
+    /// Training images handed to another worker because the one computing them was lost.
+    #[serde(default)]
+    pub samples_requeued: u64,
+    /// Workers that left or were evicted during the epoch.
+    #[serde(default)]
+    pub workers_lost: Vec<Departure>,
+    /// Workers admitted during the epoch (the initial members are not listed).
+    #[serde(default)]
+    pub workers_joined: Vec<JoinRecord>,
+}
+
+/// A worker that stopped taking part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Departure {
+    pub worker: String,
+    /// The global step during which it was lost.
+    pub step: u64,
+    pub reason: String,
+}
+
+/// A worker admitted while the job ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinRecord {
+    pub worker: String,
+    /// The first global step it took part in.
+    pub step: u64,
 }

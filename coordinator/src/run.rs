@@ -2,9 +2,10 @@ use crate::{
     Config, Error, Result,
     averaging::{Averaging, ParameterServer},
     local_workers::{LaunchSpec, LocalWorkers, WorkerProgram},
+    resume::{self, Resume, ResumeState},
     run_dir::RunDir,
     service::CoordinatorService,
-    trainer::{Summary, Trainer},
+    trainer::{Summary, Trainer, TrainerOptions},
 };
 use candle_core::Device;
 use common::{
@@ -12,11 +13,14 @@ use common::{
     fetch::{default_data_dir, ensure_mnist},
     replica::Replica,
 };
-use proto::v1::{JobSpec, coordinator_server::CoordinatorServer};
+use proto::{
+    security::ServerAuth,
+    v1::{JobSpec, coordinator_server::CoordinatorServer},
+};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
+use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tracing::{info, warn};
 
 /// How long spawned workers get to exit after being told to, before they are killed.
@@ -31,7 +35,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Summary> {
     config.validate()?;
-    let job = config.job();
+    let resume = match &config.resume {
+        Some(dir) => Some(Resume::load(
+            &dir.join("checkpoints").join(resume::FILE_NAME),
+        )?),
+        None => None,
+    };
+    // A resumed job keeps its own settings; only the cluster's come from the flags.
+    let job = match &resume {
+        Some(r) => r.state.job.clone(),
+        None => config.job(),
+    };
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
     let dataset = load_dataset(data_dir.clone()).await?;
     let dataset_digest = dataset.digest();
@@ -46,14 +60,31 @@ pub async fn run(
 
     let replica = Replica::new(job.model, &Device::Cpu)?;
     let params = replica.params().clone();
-    let initial = params.init_flat(job.seed);
-    let started = chrono::Utc::now();
-    let job_id = format!("{}-{}", job.model, started.format("%Y%m%d-%H%M%S"));
-    let run_dir = config
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("runs").join(&job_id));
-    let run_dir = RunDir::create(&run_dir, &job)?;
+    let (job_id, run_dir, averaging) = match &resume {
+        Some(r) => {
+            let dir = config.resume.clone().expect("resume has a directory");
+            check_resumable(&r.state, &params.layout_digest(), &dataset_digest)?;
+            let averaging =
+                ParameterServer::resume(r.parameters.clone(), job.optimizer, r.optimizer.clone())?;
+            let run_dir = RunDir::reopen(&dir, &r.state.records)?;
+            (r.state.job_id.clone(), run_dir, averaging)
+        }
+        None => {
+            let initial = params.init_flat(job.seed);
+            let started = chrono::Utc::now();
+            let job_id = format!("{}-{}", job.model, started.format("%Y%m%d-%H%M%S"));
+            let dir = config
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(&job_id));
+            let run_dir = RunDir::create(&dir, &job)?;
+            (
+                job_id,
+                run_dir,
+                ParameterServer::new(initial, job.optimizer),
+            )
+        }
+    };
     info!(run_dir = %run_dir.path().display(), parameters = params.len(), "job {job_id}");
 
     let spec = JobSpec {
@@ -66,20 +97,40 @@ pub async fn run(
         config_json: serde_json::to_string(&job).expect("job config serialises"),
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let service = CoordinatorService::new(spec.clone(), data_dir.clone(), events_tx.clone());
+    let heartbeat = heartbeat_interval(config.worker_timeout());
+    let first_worker_id = resume.as_ref().map_or(1, |r| r.state.next_worker_id);
+    let service = CoordinatorService::new(
+        spec.clone(),
+        data_dir.clone(),
+        events_tx.clone(),
+        first_worker_id,
+        heartbeat,
+    );
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
     let server_stop = CancellationToken::new();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls() {
+        let tls = tls.load().map_err(|e| Error::Config(e.to_string()))?;
+        server = server.tls_config(tls)?;
+    }
+    let token = config.join_token()?;
+    let service = InterceptedService::new(
+        CoordinatorServer::new(service)
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
+        ServerAuth::new(token.clone()),
+    );
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
             .initial_stream_window_size(proto::WINDOW_BYTES)
             .initial_connection_window_size(proto::WINDOW_BYTES)
-            .add_service(
-                CoordinatorServer::new(service)
-                    .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(proto::MAX_MESSAGE_BYTES),
-            )
+            // Pings find peers that vanished without closing their connection (a partition,
+            // a powered-off host); the heartbeats find those that are stopped or stuck.
+            .http2_keepalive_interval(Some(config.worker_timeout()))
+            .http2_keepalive_timeout(Some(config.worker_timeout()))
+            .add_service(service)
             .serve_with_incoming_shutdown(
                 // Accepted sockets do not get the builder's TCP settings: without NODELAY,
                 // Nagle and delayed ACKs add tens of milliseconds to every step.
@@ -97,18 +148,49 @@ pub async fn run(
                 .worker_bin
                 .clone()
                 .map_or(WorkerProgram::CurrentExe, WorkerProgram::Binary),
-            coordinator_url: format!("http://{}", loopback_if_unspecified(addr)),
+            coordinator_url: format!(
+                "{}://{}",
+                if config.tls_ca.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                loopback_if_unspecified(addr)
+            ),
+            tls_ca: config.tls_ca.clone(),
+            join_token: token,
             data_dir,
             threads: config
                 .threads_per_worker
                 .unwrap_or_else(|| default_threads(config.workers)),
         };
-        Some(LocalWorkers::spawn(&spec, config.workers, events_tx)?)
+        Some(LocalWorkers::spawn(
+            &spec,
+            config.workers,
+            config.max_restarts,
+            events_tx,
+        )?)
     };
 
-    let averaging = Averaging::ParameterServer(ParameterServer::new(initial, job.optimizer));
+    let options = TrainerOptions {
+        initial_workers: config.workers,
+        min_workers: config.min_workers,
+        max_workers: config.max_workers(),
+        worker_timeout: config.worker_timeout(),
+        pause_timeout: config.pause_timeout(),
+        checkpoint_every: config.checkpoint_every,
+    };
     let trainer = Trainer::new(
-        job, spec, params, averaging, train_len, test_len, run_dir, events_rx, shutdown,
+        job,
+        spec,
+        params,
+        Averaging::ParameterServer(averaging),
+        (train_len, test_len),
+        run_dir,
+        events_rx,
+        shutdown,
+        options,
+        resume.map(|r| r.state),
     );
     let outcome = trainer.run().await;
 
@@ -123,6 +205,28 @@ pub async fn run(
         Err(_) => warn!("gRPC server did not stop within 5 s"),
     }
     outcome
+}
+
+/// Refuses a checkpoint that belongs to another model build or dataset.
+fn check_resumable(state: &ResumeState, layout_digest: &str, dataset_digest: &str) -> Result<()> {
+    if state.layout_digest != layout_digest {
+        return Err(Error::Checkpoint(format!(
+            "the checkpoint's {} has layout {}, this build's has {layout_digest}",
+            state.job.model, state.layout_digest
+        )));
+    }
+    if state.dataset_digest != dataset_digest {
+        return Err(Error::Checkpoint(format!(
+            "the checkpoint was trained on dataset sha256 {}, --data-dir holds {dataset_digest}",
+            state.dataset_digest
+        )));
+    }
+    Ok(())
+}
+
+/// Workers send a heartbeat four times per timeout, so one late heartbeat is not an eviction.
+fn heartbeat_interval(worker_timeout: Duration) -> Duration {
+    (worker_timeout / 4).max(Duration::from_millis(20))
 }
 
 /// Loads the dataset, fetching MNIST first if the directory lacks the files.

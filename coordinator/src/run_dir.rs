@@ -44,6 +44,29 @@ impl RunDir {
         })
     }
 
+    /// Opens the directory of a job being resumed. `metrics.jsonl` is rewritten to hold
+    /// exactly the checkpoint's completed epochs: lines of an epoch that was being finished
+    /// when the coordinator died are dropped, since that epoch is finished again.
+    pub fn reopen(root: &Path, records: &[EpochRecord]) -> Result<RunDir> {
+        let path = root.join("metrics.jsonl");
+        let mut text = Vec::new();
+        for record in records {
+            text.extend(serde_json::to_vec(record).expect("records serialise"));
+            text.push(b'\n');
+        }
+        let temporary = path.with_extension("jsonl.tmp");
+        fs::write(&temporary, text).map_err(|e| Error::io(&temporary, e))?;
+        fs::rename(&temporary, &path).map_err(|e| Error::io(&path, e))?;
+        let metrics = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(RunDir {
+            root: root.to_path_buf(),
+            metrics,
+        })
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.root
@@ -75,6 +98,11 @@ impl RunDir {
         params.save_safetensors(flat, &tensors)?;
         write_json(&stem.with_extension("json"), meta)?;
         Ok(tensors)
+    }
+
+    /// Where the resume checkpoint lives.
+    pub fn resume_path(&self) -> PathBuf {
+        self.root.join("checkpoints").join(crate::resume::FILE_NAME)
     }
 
     /// Writes `summary.json`.

@@ -15,6 +15,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 use tokio::{io::AsyncReadExt, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,18 +33,28 @@ pub struct CoordinatorService {
     next_id: AtomicU64,
     registered: Mutex<HashSet<WorkerId>>,
     in_session: Arc<Mutex<HashSet<WorkerId>>>,
+    heartbeat_interval: Duration,
 }
 
 impl CoordinatorService {
     /// A service for `job`, serving the dataset in `data_dir` and reporting to `events`.
-    pub fn new(job: JobSpec, data_dir: PathBuf, events: mpsc::UnboundedSender<Event>) -> Self {
+    /// Worker ids start at `first_worker_id` (a resumed job continues its numbering);
+    /// workers are asked for a heartbeat every `heartbeat_interval`.
+    pub fn new(
+        job: JobSpec,
+        data_dir: PathBuf,
+        events: mpsc::UnboundedSender<Event>,
+        first_worker_id: u64,
+        heartbeat_interval: Duration,
+    ) -> Self {
         CoordinatorService {
             job,
             data_dir,
             events,
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_worker_id.max(1)),
             registered: Mutex::default(),
             in_session: Arc::default(),
+            heartbeat_interval,
         }
     }
 
@@ -85,6 +96,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(RegisterReply {
             worker_id: worker.0,
             job: Some(self.job.clone()),
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis().max(1) as u64,
         }))
     }
 
@@ -126,6 +138,7 @@ impl Coordinator for CoordinatorService {
                             Some(Kind::Gradient(g)) => Report::Gradient(g),
                             Some(Kind::Eval(e)) => Report::Eval(e),
                             Some(Kind::Failure(f)) => Report::Failure(f.message),
+                            Some(Kind::Heartbeat(_)) => Report::Heartbeat,
                             Some(Kind::Hello(_)) | None => {
                                 Report::Failure("sent an unexpected message kind".into())
                             }

@@ -1,39 +1,43 @@
 //! The lock-step training loop: one step at a time, every member computes its part of the
 //! global batch, the gradients are combined in rank order, and nobody starts the next step
 //! before everyone has the new parameters.
+//!
+//! Failures do not stop it. A member whose session breaks, that falls silent, that lags far
+//! behind the others or that sends an unusable answer is evicted; the step completes with the
+//! others' gradients and the evicted member's samples go back to the front of the epoch
+//! ([`EpochProgress`]). Workers that arrive wait for the next step boundary. Below
+//! `--min-workers` the job pauses.
 
 use crate::{
     Error, Result,
-    averaging::Averaging,
-    event::{Event, Outbox, Report},
-    metrics::EpochRecord,
+    averaging::{Averaging, Contribution},
+    event::{Event, Report},
+    membership::{Arrival, Membership},
+    metrics::{Departure, EpochRecord, JoinRecord},
+    progress::EpochProgress,
+    resume::{Resume, ResumeState},
     run_dir::{CheckpointMeta, RunDir},
 };
 use common::{
-    ids::{Rank, WorkerId},
+    ids::WorkerId,
     job::JobConfig,
-    params::ParamSet,
+    params::{ParamSet, check_finite},
     seed::derive_seed,
     sharding::{EpochPlan, split_evenly},
 };
-use proto::v1::{
-    ComputeGradient, CoordinatorMessage, EvalReport, Evaluate, JobSpec, Shutdown,
-    coordinator_message::Kind,
-};
+use proto::v1::{ComputeGradient, Evaluate, GradientReport, JobSpec, coordinator_message::Kind};
 use serde::Serialize;
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    ops::Range,
+    time::{Duration, Instant},
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// How often a line of progress is logged within an epoch.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
-
-/// A worker taking part in the job; its rank is its index in [`Trainer::members`].
-struct Member {
-    id: WorkerId,
-    outbox: Outbox,
-}
 
 /// What a finished job reports.
 #[derive(Debug, Clone, Serialize)]
@@ -54,44 +58,105 @@ pub struct Summary {
     pub parameters: Vec<f32>,
 }
 
-/// Sums over the images one epoch has trained on.
-#[derive(Default)]
-struct EpochSums {
+/// How the loop treats its workers and checkpoints.
+#[derive(Debug, Clone)]
+pub struct TrainerOptions {
+    /// Workers to wait for before the first step.
+    pub initial_workers: usize,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub worker_timeout: Duration,
+    pub pause_timeout: Duration,
+    /// Steps between resume checkpoints (0: epoch ends only).
+    pub checkpoint_every: u64,
+}
+
+/// Sums over a part of the test set.
+#[derive(Debug, Default, Clone, Copy)]
+struct EvalSums {
     count: u64,
     loss_sum: f64,
     correct: u64,
-    /// Sum over steps of the slowest worker's computing time.
-    compute_seconds: f64,
+}
+
+/// What [`Trainer::gather`] makes of one answer.
+enum Verdict<T> {
+    Accept(T),
+    /// Unusable: the worker is evicted and told to stop. `non_finite` marks NaN/Inf values,
+    /// which, from every member at once, mean divergence.
+    Refuse {
+        problem: String,
+        non_finite: bool,
+    },
+    /// An answer to an earlier request, or of another kind.
+    Ignore,
+}
+
+enum Slot<T> {
+    Waiting,
+    Done(T),
+    Lost,
+}
+
+/// The answers to one request, in the order the request went out.
+struct Gathered<T> {
+    slots: Vec<(WorkerId, Option<T>)>,
+    /// Members whose answer was refused because it held NaN or infinity.
+    non_finite: Vec<String>,
 }
 
 /// Everything the training loop needs; see [`Trainer::run`].
 pub struct Trainer {
-    pub job: JobConfig,
-    pub spec: JobSpec,
-    pub params: ParamSet,
-    pub averaging: Averaging,
-    pub train_len: usize,
-    pub test_len: usize,
-    pub run_dir: RunDir,
-    pub events: mpsc::UnboundedReceiver<Event>,
-    pub shutdown: CancellationToken,
-    members: Vec<Member>,
+    job: JobConfig,
+    spec: JobSpec,
+    params: ParamSet,
+    averaging: Averaging,
+    train_len: usize,
+    test_len: usize,
+    run_dir: RunDir,
+    events: mpsc::UnboundedReceiver<Event>,
+    shutdown: CancellationToken,
+    options: TrainerOptions,
+    membership: Membership,
+    progress: EpochProgress,
+    global_step: u64,
+    records: Vec<EpochRecord>,
+    next_worker_id: u64,
+    /// Seconds the job ran before this coordinator took it over (resume).
+    earlier_seconds: f64,
+    last_lr: f32,
 }
 
 impl Trainer {
-    /// A trainer with no members yet.
+    /// A trainer with no members yet, at the start of the job or, given `resume`, where the
+    /// checkpoint left it.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         job: JobConfig,
         spec: JobSpec,
         params: ParamSet,
         averaging: Averaging,
-        train_len: usize,
-        test_len: usize,
+        (train_len, test_len): (usize, usize),
         run_dir: RunDir,
         events: mpsc::UnboundedReceiver<Event>,
         shutdown: CancellationToken,
+        options: TrainerOptions,
+        resume: Option<ResumeState>,
     ) -> Self {
+        let membership = Membership::new(options.max_workers);
+        let (progress, global_step, records, next_worker_id, earlier_seconds) = match resume {
+            Some(state) => (
+                state.progress,
+                state.global_step,
+                state.records,
+                state.next_worker_id,
+                state.wall_seconds,
+            ),
+            None => {
+                let plan = epoch_plan(&job, 1, train_len);
+                (EpochProgress::new(1, &plan), 0, Vec::new(), 1, 0.0)
+            }
+        };
         Trainer {
             job,
             spec,
@@ -102,7 +167,14 @@ impl Trainer {
             run_dir,
             events,
             shutdown,
-            members: Vec::new(),
+            options,
+            membership,
+            progress,
+            global_step,
+            records,
+            next_worker_id,
+            earlier_seconds,
+            last_lr: 0.0,
         }
     }
 
@@ -114,283 +186,540 @@ impl Trainer {
             Ok(_) => "training complete".to_string(),
             Err(e) => format!("job stopped: {e}"),
         };
-        self.dismiss_members(&reason).await;
+        self.membership.dismiss_all(&reason);
         outcome
     }
 
     async fn train(&mut self) -> Result<Summary> {
         let started = Instant::now();
-        self.wait_for_members().await?;
+        self.wait_for_initial_members().await?;
         let total_steps = self.job.total_steps(self.train_len);
         let schedule = self.job.schedule(self.train_len);
         info!(
-            workers = self.members.len(),
+            workers = self.membership.len(),
             model = %self.job.model,
             epochs = self.job.epochs,
             steps = total_steps,
             global_batch = self.job.global_batch(),
             peak_lr = schedule.peak(),
-            "training starts"
+            "training {} at epoch {}, step {}",
+            if self.global_step == 0 { "starts" } else { "resumes" },
+            self.progress.epoch,
+            self.global_step,
         );
-        let mut records = Vec::new();
-        let mut global_step = 0u64;
-        for epoch in 1..=self.job.epochs {
+        while self.progress.epoch <= self.job.epochs {
+            let epoch = self.progress.epoch;
             let epoch_started = Instant::now();
-            let plan = EpochPlan::new(
-                self.job.seed,
-                u64::from(epoch),
-                self.train_len,
-                self.job.global_batch(),
-            );
-            let mut sums = EpochSums::default();
-            let mut steps = 0u64;
             let mut last_progress = Instant::now();
-            let mut lr = schedule.at(global_step);
-            for step_in_epoch in 0..plan.steps() {
-                if global_step >= total_steps {
-                    break;
+            while !self.progress.is_done() && self.global_step < total_steps {
+                self.last_lr = schedule.at(self.global_step);
+                let step_started = Instant::now();
+                self.step(self.last_lr).await?;
+                self.progress.train_seconds += step_started.elapsed().as_secs_f64();
+                let every = self.options.checkpoint_every;
+                if every > 0 && self.global_step % every == 0 && !self.progress.is_done() {
+                    self.save_resume(started)?;
                 }
-                lr = schedule.at(global_step);
-                self.step(epoch, global_step, plan.batch(step_in_epoch), lr, &mut sums)
-                    .await?;
-                global_step += 1;
-                steps += 1;
                 if last_progress.elapsed() >= PROGRESS_INTERVAL {
                     last_progress = Instant::now();
                     info!(
                         epoch,
-                        step = steps,
-                        of = plan.steps(),
-                        loss = sums.loss_sum / sums.count.max(1) as f64,
-                        images_per_sec = sums.count as f64 / epoch_started.elapsed().as_secs_f64(),
+                        step = self.progress.steps,
+                        remaining = self.progress.remaining.len(),
+                        loss = self.progress.mean_loss(),
+                        images_per_sec =
+                            self.progress.count as f64 / self.progress.train_seconds.max(1e-9),
+                        workers = self.membership.len(),
                         "progress"
                     );
                 }
             }
-            let train_seconds = epoch_started.elapsed().as_secs_f64();
+            // Training of the epoch is done: a restart from here goes straight to evaluation.
+            self.save_resume(started)?;
             let eval_started = Instant::now();
             let eval = self.evaluate(epoch).await?;
             let eval_seconds = eval_started.elapsed().as_secs_f64();
-            let record = EpochRecord {
-                epoch,
-                train_loss: sums.loss_sum / sums.count.max(1) as f64,
-                train_accuracy: sums.correct as f64 / sums.count.max(1) as f64,
-                test_loss: eval.loss_sum / eval.count.max(1) as f64,
-                test_accuracy: eval.correct as f64 / eval.count.max(1) as f64,
-                samples: sums.count,
-                test_samples: eval.count,
-                workers: self.members.len(),
-                images_per_sec: sums.count as f64 / train_seconds,
-                seconds: 0.0,
-                train_seconds,
-                compute_seconds: sums.compute_seconds,
-                eval_seconds,
-                steps,
-                global_step,
-                lr,
-            };
+            let record = self.epoch_record(eval, eval_seconds, epoch_started);
             self.checkpoint(&record)?;
-            let record = EpochRecord {
-                seconds: epoch_started.elapsed().as_secs_f64(),
-                ..record
-            };
             self.run_dir.record(&record)?;
             info!(
-                "epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.2}%, {:.0} images/s, {:.1} s",
+                "epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.2}%, {:.0} images/s, {:.1} s{}",
                 epoch,
                 self.job.epochs,
                 record.train_loss,
                 record.test_loss,
                 record.test_accuracy * 100.0,
                 record.images_per_sec,
-                record.seconds
+                record.seconds,
+                churn_note(&record),
             );
-            records.push(record);
-            if global_step >= total_steps {
-                break;
-            }
+            self.records.push(record);
+            let next = epoch + 1;
+            self.progress = if next <= self.job.epochs && self.global_step < total_steps {
+                EpochProgress::new(next, &epoch_plan(&self.job, next, self.train_len))
+            } else {
+                // Past the last epoch: a restart from here only writes the summary.
+                EpochProgress {
+                    epoch: self.job.epochs + 1,
+                    ..EpochProgress::default()
+                }
+            };
+            self.save_resume(started)?;
         }
-        let last = records.last().expect("at least one epoch ran");
+        let last = self
+            .records
+            .last()
+            .ok_or_else(|| Error::Checkpoint("the checkpoint holds no completed epoch".into()))?;
         let summary = Summary {
             job_id: self.spec.job_id.clone(),
             model: self.job.model.to_string(),
             epochs_completed: last.epoch,
-            steps: global_step,
+            steps: self.global_step,
             final_test_accuracy: last.test_accuracy,
             final_test_loss: last.test_loss,
-            best_test_accuracy: records.iter().map(|r| r.test_accuracy).fold(0.0, f64::max),
-            wall_seconds: started.elapsed().as_secs_f64(),
+            best_test_accuracy: self
+                .records
+                .iter()
+                .map(|r| r.test_accuracy)
+                .fold(0.0, f64::max),
+            wall_seconds: self.earlier_seconds + started.elapsed().as_secs_f64(),
             run_dir: self.run_dir.path().to_path_buf(),
-            epochs: records,
+            epochs: self.records.clone(),
             parameters: self.averaging.parameters().to_vec(),
         };
         self.run_dir.write_summary(&summary)?;
         Ok(summary)
     }
 
-    /// Admits sessions until the job has all its workers.
-    async fn wait_for_members(&mut self) -> Result<()> {
+    fn epoch_record(
+        &self,
+        eval: EvalSums,
+        eval_seconds: f64,
+        epoch_started: Instant,
+    ) -> EpochRecord {
+        let p = &self.progress;
+        EpochRecord {
+            epoch: p.epoch,
+            train_loss: p.mean_loss(),
+            train_accuracy: p.correct as f64 / p.count.max(1) as f64,
+            test_loss: eval.loss_sum / eval.count.max(1) as f64,
+            test_accuracy: eval.correct as f64 / eval.count.max(1) as f64,
+            samples: p.count,
+            test_samples: eval.count,
+            workers: self.membership.len(),
+            images_per_sec: p.count as f64 / p.train_seconds.max(1e-9),
+            seconds: epoch_started.elapsed().as_secs_f64(),
+            train_seconds: p.train_seconds,
+            compute_seconds: p.compute_seconds,
+            eval_seconds,
+            steps: p.steps,
+            global_step: self.global_step,
+            lr: self.last_lr,
+            samples_requeued: p.requeued,
+            workers_lost: p.lost.clone(),
+            workers_joined: p.joined.clone(),
+        }
+    }
+
+    /// Admits sessions until the job has its initial workers.
+    async fn wait_for_initial_members(&mut self) -> Result<()> {
+        let wanted = self.options.initial_workers;
         info!(
-            "waiting for {} worker{}",
-            self.job.workers,
-            if self.job.workers == 1 { "" } else { "s" }
+            "waiting for {wanted} worker{}",
+            if wanted == 1 { "" } else { "s" }
         );
-        while self.members.len() < self.job.workers {
-            match self.next_event().await? {
-                Event::Joined { worker, outbox } => {
-                    self.members.push(Member { id: worker, outbox });
-                    info!(%worker, "joined ({}/{})", self.members.len(), self.job.workers);
-                }
-                Event::Left { worker, reason } => {
-                    if let Some(rank) = self.rank_of(worker) {
-                        self.members.remove(rank.0 as usize);
-                        warn!(%worker, "left before training started: {reason}");
-                    }
-                }
-                Event::ProcessExited { index, status } => {
-                    return Err(Error::WorkerExited { index, status });
-                }
-                Event::Report { worker, .. } => {
-                    debug!(%worker, "report before training started: ignored");
-                }
+        while self.membership.len() < wanted {
+            let event = self.next_event().await?;
+            self.on_event(event);
+            for worker in self.membership.admit() {
+                info!(%worker, "joined ({}/{wanted})", self.membership.len());
             }
         }
         Ok(())
     }
 
-    /// One synchronous step over `batch`, split among the members in rank order.
-    async fn step(
-        &mut self,
-        epoch: u32,
-        global_step: u64,
-        batch: &[u32],
-        lr: f32,
-        sums: &mut EpochSums,
-    ) -> Result<()> {
+    /// At a step boundary: admits the waiting workers, and pauses while there are fewer
+    /// members than `--min-workers`, for at most `--pause-timeout`.
+    async fn admit(&mut self) -> Result<()> {
+        self.admit_waiting();
+        let min = self.options.min_workers;
+        if self.membership.len() >= min {
+            return Ok(());
+        }
+        let paused = Instant::now();
+        warn!(
+            "paused: {} of the {min} workers needed; waiting up to {:.0} s for more",
+            self.membership.len(),
+            self.options.pause_timeout.as_secs_f64()
+        );
+        let deadline = tokio::time::Instant::now() + self.options.pause_timeout;
+        while self.membership.len() < min {
+            let event = tokio::select! {
+                event = self.next_event() => event?,
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::TooFewWorkers {
+                        members: self.membership.len(),
+                        min,
+                        waited_secs: paused.elapsed().as_secs_f64(),
+                    });
+                }
+            };
+            self.on_event(event);
+            self.admit_waiting();
+        }
+        info!(
+            "resumed with {} workers after {:.1} s",
+            self.membership.len(),
+            paused.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    fn admit_waiting(&mut self) {
+        for worker in self.membership.admit() {
+            info!(
+                %worker,
+                "admitted at step {} ({} workers)",
+                self.global_step,
+                self.membership.len()
+            );
+            self.progress.joined.push(JoinRecord {
+                worker: worker.to_string(),
+                step: self.global_step,
+            });
+        }
+    }
+
+    /// One synchronous step over the next global batch, split among the members in rank
+    /// order. Samples of members lost during the step go back to the front of the epoch.
+    async fn step(&mut self, lr: f32) -> Result<()> {
+        self.admit().await?;
+        let step = self.global_step;
+        let batch = self.progress.take(self.job.global_batch());
+        let ids = self.membership.ids();
+        let parts = split_evenly(batch.len(), ids.len());
         let parameters = proto::encode_f32(self.averaging.parameters());
-        let parts = split_evenly(batch.len(), self.members.len());
-        for (rank, (member, part)) in self.members.iter().zip(parts).enumerate() {
+        for (rank, (&worker, part)) in ids.iter().zip(&parts).enumerate() {
             let command = ComputeGradient {
-                step: global_step,
-                epoch: u64::from(epoch),
+                step,
+                epoch: u64::from(self.progress.epoch),
                 parameters: parameters.clone(),
-                indices: proto::encode_u32(&batch[part]),
-                dropout_seed: derive_seed(self.job.seed, "dropout", &[global_step, rank as u64]),
+                indices: proto::encode_u32(&batch[part.clone()]),
+                dropout_seed: derive_seed(self.job.seed, "dropout", &[step, rank as u64]),
             };
-            send(member, Kind::Compute(command)).await;
+            if !self.membership.send(worker, Kind::Compute(command)) {
+                self.evict(worker, "not reading its session", true);
+            }
         }
-        let phase = format!("step {global_step}");
-        let reports = self
-            .gather(&phase, |report| match report {
-                Report::Gradient(g) if g.step == global_step => Some(g),
-                _ => None,
+        let expected: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        let len = self.params.len();
+        let gathered = self
+            .gather(&format!("step {step}"), &ids, |rank, report| match report {
+                Report::Gradient(g) if g.step == step => judge_gradient(g, expected[rank], len),
+                _ => Verdict::Ignore,
             })
             .await?;
-        sums.compute_seconds += reports
+        if !ids.is_empty() && gathered.non_finite.len() == ids.len() {
+            return Err(Error::Diverged {
+                step,
+                problem: gathered.non_finite.join("; "),
+            });
+        }
+        let mut lost_samples = Vec::new();
+        let mut contributions = Vec::new();
+        for ((worker, answer), part) in gathered.slots.into_iter().zip(&parts) {
+            match answer {
+                Some(contribution) => contributions.push((worker, contribution)),
+                None => lost_samples.extend_from_slice(&batch[part.clone()]),
+            }
+        }
+        if !lost_samples.is_empty() {
+            info!(
+                step,
+                samples = lost_samples.len(),
+                "samples of lost workers go back to the epoch"
+            );
+            self.progress.requeue(&lost_samples);
+        }
+        if contributions.is_empty() {
+            warn!(step, "no worker finished the step: it is repeated");
+            return Ok(());
+        }
+        let p = &mut self.progress;
+        p.compute_seconds += contributions
             .iter()
-            .map(|(_, r)| r.compute_seconds)
+            .map(|(_, c)| c.compute_seconds)
             .fold(0.0, f64::max);
-        for (_, report) in &reports {
-            sums.count += report.count;
-            sums.loss_sum += report.loss_sum;
-            sums.correct += report.correct;
+        for (_, c) in &contributions {
+            p.count += c.count;
+            p.loss_sum += c.loss_sum;
+            p.correct += c.correct;
         }
-        self.averaging.apply(&reports, lr)
+        self.averaging.apply(&contributions, lr)?;
+        self.global_step += 1;
+        self.progress.steps += 1;
+        debug!(
+            epoch = self.progress.epoch,
+            global_step = self.global_step,
+            "step done"
+        );
+        Ok(())
     }
 
-    /// Evaluates the current parameters on the test set, split among the members.
-    async fn evaluate(&mut self, epoch: u32) -> Result<EvalReport> {
+    /// Evaluates the current parameters on the test set, split among the members. Parts of
+    /// members lost meanwhile are evaluated again by others.
+    async fn evaluate(&mut self, epoch: u32) -> Result<EvalSums> {
         let parameters = proto::encode_f32(self.averaging.parameters());
-        let parts = split_evenly(self.test_len, self.members.len());
-        for (member, part) in self.members.iter().zip(parts) {
-            let command = Evaluate {
-                epoch: u64::from(epoch),
-                parameters: parameters.clone(),
-                start: part.start as u64,
-                end: part.end as u64,
-            };
-            send(member, Kind::Evaluate(command)).await;
-        }
-        let phase = format!("evaluation after epoch {epoch}");
-        let reports = self
-            .gather(&phase, |report| match report {
-                Report::Eval(e) if e.epoch == u64::from(epoch) => Some(e),
-                _ => None,
-            })
-            .await?;
-        Ok(reports
-            .into_iter()
-            .fold(EvalReport::default(), |mut total, (_, r)| {
-                total.epoch = r.epoch;
-                total.count += r.count;
-                total.loss_sum += r.loss_sum;
-                total.correct += r.correct;
-                total
-            }))
-    }
-
-    /// Waits until every member has answered the current request; answers are returned in
-    /// rank order. Reports that `accept` declines (stale or of another kind) are dropped, and a
-    /// member's second answer to the same request does not replace its first.
-    async fn gather<T>(
-        &mut self,
-        phase: &str,
-        mut accept: impl FnMut(Report) -> Option<T>,
-    ) -> Result<Vec<(WorkerId, T)>> {
-        let mut slots: Vec<Option<T>> = self.members.iter().map(|_| None).collect();
-        let mut missing = slots.len();
-        while missing > 0 {
-            match self.next_event().await? {
-                Event::Report { worker, report } => {
-                    let Some(rank) = self.rank_of(worker) else {
-                        debug!(%worker, "report from a non-member: ignored");
-                        continue;
-                    };
-                    if let Report::Failure(problem) = report {
-                        return Err(Error::BadReport {
-                            worker,
-                            what: "answer",
-                            problem,
-                        });
-                    }
-                    let slot = &mut slots[rank.0 as usize];
-                    match accept(report) {
-                        Some(value) if slot.is_none() => {
-                            *slot = Some(value);
-                            missing -= 1;
+        let mut pending: VecDeque<Range<usize>> =
+            split_evenly(self.test_len, self.membership.len().max(1))
+                .into_iter()
+                .filter(|r| !r.is_empty())
+                .collect();
+        let mut total = EvalSums::default();
+        while !pending.is_empty() {
+            self.admit().await?;
+            let ids = self.membership.ids();
+            let take = ids.len().min(pending.len());
+            let round: Vec<(WorkerId, Range<usize>)> =
+                ids.into_iter().zip(pending.drain(..take)).collect();
+            for (worker, range) in &round {
+                let command = Evaluate {
+                    epoch: u64::from(epoch),
+                    parameters: parameters.clone(),
+                    start: range.start as u64,
+                    end: range.end as u64,
+                };
+                if !self.membership.send(*worker, Kind::Evaluate(command)) {
+                    self.evict(*worker, "not reading its session", true);
+                }
+            }
+            let ids: Vec<WorkerId> = round.iter().map(|(w, _)| *w).collect();
+            let gathered = self
+                .gather(
+                    &format!("evaluation after epoch {epoch}"),
+                    &ids,
+                    |rank, report| match report {
+                        Report::Eval(e)
+                            if e.epoch == u64::from(epoch)
+                                && e.start == round[rank].1.start as u64
+                                && e.end == round[rank].1.end as u64 =>
+                        {
+                            judge_eval(e.count, e.loss_sum, e.correct, round[rank].1.len())
                         }
-                        _ => debug!(%worker, phase, "stale or duplicate report: ignored"),
+                        _ => Verdict::Ignore,
+                    },
+                )
+                .await?;
+            for ((_, answer), (_, range)) in gathered.slots.into_iter().zip(round) {
+                match answer {
+                    Some(sums) => {
+                        total.count += sums.count;
+                        total.loss_sum += sums.loss_sum;
+                        total.correct += sums.correct;
                     }
-                }
-                Event::Left { worker, reason } => {
-                    if self.rank_of(worker).is_some() {
-                        return Err(Error::WorkerLost {
-                            worker,
-                            phase: phase.to_string(),
-                            reason,
-                        });
-                    }
-                }
-                Event::ProcessExited { index, status } => {
-                    return Err(Error::WorkerExited { index, status });
-                }
-                Event::Joined { worker, outbox } => {
-                    warn!(%worker, "joined while the job is running: turned away");
-                    let _ = outbox
-                        .send(Ok(shutdown_message(&format!(
-                            "job {} already has its {} workers",
-                            self.spec.job_id, self.job.workers
-                        ))))
-                        .await;
+                    None => pending.push_back(range),
                 }
             }
         }
-        Ok(self
-            .members
-            .iter()
-            .zip(slots)
-            .map(|(m, slot)| (m.id, slot.expect("every slot filled")))
-            .collect())
+        Ok(total)
+    }
+
+    /// Waits until every worker in `expected` has answered the current request or is lost.
+    /// `judge` sees each answer with the worker's index in `expected`; a worker's second
+    /// answer to the same request is ignored, so nothing is counted twice.
+    ///
+    /// A worker is lost when its session ends, when it is silent (no heartbeat) for
+    /// `--worker-timeout`, when it has not answered `--worker-timeout` after half the others
+    /// have, or when its answer is refused.
+    async fn gather<T>(
+        &mut self,
+        phase: &str,
+        expected: &[WorkerId],
+        mut judge: impl FnMut(usize, Report) -> Verdict<T>,
+    ) -> Result<Gathered<T>> {
+        let timeout = self.options.worker_timeout;
+        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
+        let mut slots: Vec<Slot<T>> = expected.iter().map(|_| Slot::Waiting).collect();
+        let mut non_finite = Vec::new();
+        let mut half_answered_at: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut waiting = 0;
+            for (index, &worker) in expected.iter().enumerate() {
+                if !matches!(slots[index], Slot::Waiting) {
+                    continue;
+                }
+                let Some(member) = self.membership.member(worker) else {
+                    slots[index] = Slot::Lost;
+                    continue;
+                };
+                let silent = now.duration_since(member.last_heard);
+                let lagging = half_answered_at.map(|t| now.duration_since(t));
+                if silent > timeout {
+                    let reason = format!("silent for {:.1} s during {phase}", silent.as_secs_f64());
+                    self.evict(worker, &reason, true);
+                    slots[index] = Slot::Lost;
+                } else if let Some(lag) = lagging.filter(|lag| *lag > timeout) {
+                    let reason = format!(
+                        "straggler: no answer during {phase} {:.1} s after half the others",
+                        lag.as_secs_f64()
+                    );
+                    self.evict(worker, &reason, true);
+                    slots[index] = Slot::Lost;
+                } else {
+                    waiting += 1;
+                }
+            }
+            if waiting == 0 {
+                break;
+            }
+            let answered = slots.iter().filter(|s| matches!(s, Slot::Done(_))).count();
+            if half_answered_at.is_none() && answered > 0 && answered * 2 >= expected.len() {
+                half_answered_at = Some(now);
+            }
+            let event = tokio::select! {
+                event = self.next_event() => event?,
+                () = tokio::time::sleep(tick) => continue,
+            };
+            let Event::Report { worker, report } = event else {
+                self.on_event(event);
+                continue;
+            };
+            self.membership.heard(worker);
+            if matches!(report, Report::Heartbeat) {
+                continue;
+            }
+            let Some(index) = expected.iter().position(|&w| w == worker) else {
+                debug!(%worker, phase, "answer from a worker not asked: ignored");
+                continue;
+            };
+            if !matches!(slots[index], Slot::Waiting) {
+                debug!(%worker, phase, "second or late answer: ignored");
+                continue;
+            }
+            let verdict = match report {
+                Report::Failure(problem) => Verdict::Refuse {
+                    problem: format!("it failed: {problem}"),
+                    non_finite: false,
+                },
+                report => judge(index, report),
+            };
+            match verdict {
+                Verdict::Accept(value) => slots[index] = Slot::Done(value),
+                Verdict::Refuse {
+                    problem,
+                    non_finite: nan,
+                } => {
+                    if nan {
+                        non_finite.push(format!("{worker}: {problem}"));
+                    }
+                    self.evict(
+                        worker,
+                        &format!("bad answer during {phase}: {problem}"),
+                        false,
+                    );
+                    slots[index] = Slot::Lost;
+                }
+                Verdict::Ignore => debug!(%worker, phase, "stale answer: ignored"),
+            }
+        }
+        Ok(Gathered {
+            slots: expected
+                .iter()
+                .zip(slots)
+                .map(|(&worker, slot)| match slot {
+                    Slot::Done(value) => (worker, Some(value)),
+                    Slot::Waiting | Slot::Lost => (worker, None),
+                })
+                .collect(),
+            non_finite,
+        })
+    }
+
+    /// Membership changes and stray reports, wherever the loop is waiting.
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Joined { worker, outbox } => {
+                self.next_worker_id = self.next_worker_id.max(worker.0 + 1);
+                match self.membership.arrive(worker, outbox) {
+                    Arrival::Waiting => info!(%worker, "arrived; waits for the next step"),
+                    Arrival::TurnedAway => {
+                        warn!(%worker, "turned away: the job has --max-workers workers");
+                    }
+                }
+            }
+            Event::Left { worker, reason } => {
+                if self.membership.remove(worker) {
+                    self.record_loss(worker, &reason);
+                }
+            }
+            Event::ProcessExited {
+                index,
+                status,
+                restarting,
+            } => {
+                let what = if restarting {
+                    "restarting it"
+                } else {
+                    "not restarting it"
+                };
+                warn!("worker process {index} exited ({status}); {what}");
+            }
+            Event::Report { worker, report } => {
+                self.membership.heard(worker);
+                if !matches!(report, Report::Heartbeat) {
+                    debug!(%worker, "answer outside a request: ignored");
+                }
+            }
+        }
+    }
+
+    /// Drops a member; see [`Membership::evict`].
+    fn evict(&mut self, worker: WorkerId, reason: &str, may_rejoin: bool) {
+        if self.membership.contains(worker) {
+            self.membership.evict(worker, reason, may_rejoin);
+            self.record_loss(worker, reason);
+        }
+    }
+
+    fn record_loss(&mut self, worker: WorkerId, reason: &str) {
+        warn!(
+            "worker {worker} lost at step {}: {reason} ({} workers left)",
+            self.global_step,
+            self.membership.len()
+        );
+        self.progress.lost.push(Departure {
+            worker: worker.to_string(),
+            step: self.global_step,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Writes the resume checkpoint.
+    fn save_resume(&self, started: Instant) -> Result<()> {
+        let optimizer = self.averaging.optimizer_state();
+        let resume = Resume {
+            state: ResumeState {
+                format: crate::resume::FORMAT,
+                job_id: self.spec.job_id.clone(),
+                job: self.job.clone(),
+                layout_digest: self.spec.layout_digest.clone(),
+                dataset_digest: self.spec.dataset_digest.clone(),
+                global_step: self.global_step,
+                progress: self.progress.clone(),
+                records: self.records.clone(),
+                next_worker_id: self.next_worker_id,
+                optimizer_step: optimizer.step,
+                optimizer_len: optimizer.len,
+                wall_seconds: self.earlier_seconds + started.elapsed().as_secs_f64(),
+                created: chrono::Utc::now().to_rfc3339(),
+            },
+            parameters: self.averaging.parameters().to_vec(),
+            optimizer,
+        };
+        resume.save(&self.run_dir.resume_path())?;
+        debug!(global_step = self.global_step, "resume checkpoint written");
+        Ok(())
     }
 
     fn checkpoint(&self, record: &EpochRecord) -> Result<()> {
@@ -421,33 +750,91 @@ impl Trainer {
             () = self.shutdown.cancelled() => Err(Error::Interrupted),
         }
     }
+}
 
-    fn rank_of(&self, worker: WorkerId) -> Option<Rank> {
-        self.members
-            .iter()
-            .position(|m| m.id == worker)
-            .map(|index| Rank(index as u32))
+/// The epoch's sample order, fixed by the seed.
+fn epoch_plan(job: &JobConfig, epoch: u32, train_len: usize) -> EpochPlan {
+    EpochPlan::new(job.seed, u64::from(epoch), train_len, job.global_batch())
+}
+
+/// Checks a gradient report against what was asked: the image count, the length, finite
+/// values.
+fn judge_gradient(report: GradientReport, expected: usize, len: usize) -> Verdict<Contribution> {
+    let refuse = |problem: String| Verdict::Refuse {
+        problem,
+        non_finite: false,
+    };
+    if report.count != expected as u64 {
+        return refuse(format!(
+            "gradient over {} images, {expected} were assigned",
+            report.count
+        ));
     }
+    if !report.loss_sum.is_finite() || !report.compute_seconds.is_finite() {
+        return Verdict::Refuse {
+            problem: format!("loss sum {} is not finite", report.loss_sum),
+            non_finite: true,
+        };
+    }
+    if report.correct > report.count {
+        return refuse(format!(
+            "{} correct out of {} images",
+            report.correct, report.count
+        ));
+    }
+    let gradient = match proto::decode_f32("gradient", &report.gradient) {
+        Ok(gradient) => gradient,
+        Err(e) => return refuse(e.to_string()),
+    };
+    if expected > 0 && gradient.len() != len {
+        return refuse(format!(
+            "gradient of {} floats, the model has {len} parameters",
+            gradient.len()
+        ));
+    }
+    if let Err(e) = check_finite("gradient", &gradient) {
+        return Verdict::Refuse {
+            problem: e.to_string(),
+            non_finite: true,
+        };
+    }
+    Verdict::Accept(Contribution {
+        count: report.count,
+        loss_sum: report.loss_sum,
+        correct: report.correct,
+        compute_seconds: report.compute_seconds.max(0.0),
+        gradient,
+    })
+}
 
-    async fn dismiss_members(&mut self, reason: &str) {
-        for member in self.members.drain(..) {
-            let _ = member.outbox.send(Ok(shutdown_message(reason))).await;
-        }
+fn judge_eval(count: u64, loss_sum: f64, correct: u64, expected: usize) -> Verdict<EvalSums> {
+    let problem = if count != expected as u64 {
+        format!("evaluated {count} images, {expected} were assigned")
+    } else if !loss_sum.is_finite() || loss_sum < 0.0 {
+        format!("test loss sum {loss_sum} is not a finite non-negative number")
+    } else if correct > count {
+        format!("{correct} correct out of {count} images")
+    } else {
+        return Verdict::Accept(EvalSums {
+            count,
+            loss_sum,
+            correct,
+        });
+    };
+    Verdict::Refuse {
+        problem,
+        non_finite: false,
     }
 }
 
-async fn send(member: &Member, kind: Kind) {
-    // A closed outbox means the session ended; the loop hears of it as `Event::Left`.
-    let _ = member
-        .outbox
-        .send(Ok(CoordinatorMessage { kind: Some(kind) }))
-        .await;
-}
-
-fn shutdown_message(reason: &str) -> CoordinatorMessage {
-    CoordinatorMessage {
-        kind: Some(Kind::Shutdown(Shutdown {
-            reason: reason.to_string(),
-        })),
+fn churn_note(record: &EpochRecord) -> String {
+    if record.workers_lost.is_empty() && record.workers_joined.is_empty() {
+        return String::new();
     }
+    format!(
+        "; {} worker(s) lost, {} joined, {} samples reassigned",
+        record.workers_lost.len(),
+        record.workers_joined.len(),
+        record.samples_requeued
+    )
 }

@@ -3,6 +3,7 @@
 //! that travel in `bytes` fields.
 
 mod codec;
+pub mod security;
 
 /// Generated messages and service stubs of `lockstep.v1`.
 pub mod v1 {

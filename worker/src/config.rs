@@ -1,4 +1,5 @@
 use clap::Args;
+use proto::security::{ClientTls, JoinToken, SecurityError};
 use std::{path::PathBuf, time::Duration};
 
 /// How a worker reaches its coordinator and where it computes. Every flag can also come
@@ -23,9 +24,38 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_THREADS")]
     pub threads: Option<usize>,
 
-    /// How long to keep trying to reach the coordinator, in seconds.
+    /// How long to keep trying to reach the coordinator, in seconds: at start, and after the
+    /// session breaks (the coordinator may be restarting with --resume).
     #[arg(long, env = "LOCKSTEP_CONNECT_TIMEOUT", default_value_t = 60)]
     pub connect_timeout_secs: u64,
+
+    /// Secret the coordinator requires on every call (see the coordinator's --join-token).
+    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+
+    /// File holding the join token.
+    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the coordinator's certificate; connects with TLS (the
+    /// --coordinator URL must then be https://).
+    #[arg(long, env = "LOCKSTEP_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Name to expect in the coordinator's certificate [default: the URL's host].
+    #[arg(long, env = "LOCKSTEP_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
+    /// PEM certificate and key of this worker, for coordinators that require client
+    /// certificates (mutual TLS).
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Fault injection for tests: exit with status 1 after computing this many gradients.
+    #[arg(long, env = "LOCKSTEP_FAIL_AFTER_STEPS", hide = true)]
+    pub fail_after_steps: Option<u64>,
 }
 
 impl Config {
@@ -37,7 +67,28 @@ impl Config {
             device: "cpu".into(),
             threads: None,
             connect_timeout_secs: 60,
+            join_token: None,
+            join_token_file: None,
+            tls_ca: None,
+            tls_domain: None,
+            tls_cert: None,
+            tls_key: None,
+            fail_after_steps: None,
         }
+    }
+
+    /// The join token, from the flag or the file.
+    pub fn join_token(&self) -> Result<Option<JoinToken>, SecurityError> {
+        JoinToken::resolve(self.join_token.clone(), self.join_token_file.clone())
+    }
+
+    /// TLS settings, when --tls-ca is given.
+    pub fn tls(&self) -> Option<ClientTls> {
+        self.tls_ca.as_ref().map(|ca| ClientTls {
+            ca: ca.clone(),
+            domain: self.tls_domain.clone(),
+            cert_key: self.tls_cert.clone().zip(self.tls_key.clone()),
+        })
     }
 
     /// How long to keep trying to reach the coordinator.

@@ -22,6 +22,18 @@ pub enum Error {
     #[error("lost the coordinator: {0}")]
     CoordinatorLost(String),
 
+    /// The coordinator dropped this worker from the job; it may register again.
+    #[error("evicted by the coordinator: {0}")]
+    Evicted(String),
+
+    /// Join token or TLS settings that cannot be used.
+    #[error(transparent)]
+    Security(#[from] proto::security::SecurityError),
+
+    /// The fault asked for with --fail-after-steps.
+    #[error("injected fault: exiting after {0} gradients, as --fail-after-steps asked")]
+    InjectedFault(u64),
+
     /// The coordinator asked for something this worker cannot do.
     #[error("bad request from the coordinator: {0}")]
     BadRequest(String),
@@ -46,12 +58,26 @@ pub enum Error {
 impl Error {
     /// Whether reconnecting may help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unreachable { .. } | Error::CoordinatorLost(_))
+        matches!(
+            self,
+            Error::Unreachable { .. } | Error::CoordinatorLost(_) | Error::Evicted(_)
+        )
     }
 }
 
 impl From<tonic::Status> for Error {
+    /// A broken connection is a lost coordinator (worth reconnecting); anything else the
+    /// coordinator answered is a refusal.
     fn from(status: tonic::Status) -> Self {
-        Error::CoordinatorLost(format!("{:?}: {}", status.code(), status.message()))
+        use tonic::Code;
+        let text = format!("{:?}: {}", status.code(), status.message());
+        match status.code() {
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::Internal => Error::CoordinatorLost(text),
+            _ => Error::Refused(text),
+        }
     }
 }

@@ -28,6 +28,11 @@ impl Executor {
         }
     }
 
+    /// Gives the dataset back, to build an executor for another model.
+    pub fn into_dataset(self) -> Dataset {
+        self.dataset
+    }
+
     /// The gradient of the mean loss over the training images `indices`.
     pub fn gradient(
         &mut self,

@@ -1,5 +1,6 @@
 //! A worker's life: connect, register, get the data, then serve the coordinator's requests
-//! until it says to stop.
+//! until it says to stop. When the session breaks (the coordinator restarts, or evicts this
+//! worker) the worker registers again and carries on, keeping its data and model.
 
 use crate::{Config, Error, Result, executor::Executor, transfer::receive_dataset};
 use candle_core::Device;
@@ -10,133 +11,240 @@ use common::{
     model::ModelKind,
     replica::Replica,
 };
-use proto::v1::{
-    CoordinatorMessage, EvalReport, Failure, GradientReport, Hello, JobSpec, RegisterRequest,
-    WorkerMessage, coordinator_client::CoordinatorClient, coordinator_message::Kind as Command,
-    worker_message::Kind,
+use proto::{
+    security::ClientAuth,
+    v1::{
+        CoordinatorMessage, EvalReport, Failure, GradientReport, Heartbeat, Hello, JobSpec,
+        RegisterRequest, WorkerMessage, coordinator_client::CoordinatorClient,
+        coordinator_message::Kind as Command, worker_message::Kind,
+    },
 };
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Code,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 use tracing::{info, warn};
 
+/// A client of the coordinator that sends the join token with every call.
+pub type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
+
 /// Runs a worker until the coordinator dismisses it (`Ok`), `shutdown` is cancelled (`Ok`),
-/// or something breaks.
+/// or something breaks that registering again cannot mend.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let device = parse_device(&config.device)?;
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
-    let channel = connect(&config.coordinator, config.connect_timeout(), &shutdown).await?;
-    let mut client = CoordinatorClient::new(channel)
-        .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
-
-    let local = load_local(data_dir.clone()).await?;
-    let reply = client
-        .register(RegisterRequest {
+    let auth = ClientAuth::new(config.join_token()?);
+    let endpoint = endpoint(&config)?;
+    let mut dataset = load_local(data_dir.clone()).await?;
+    let local_digest = dataset.as_ref().map(Dataset::digest).unwrap_or_default();
+    let mut executor: Option<(JobSpec, Executor)> = None;
+    let mut gradients = 0u64;
+    loop {
+        let channel = connect(&endpoint, config.connect_timeout(), &shutdown).await?;
+        let mut client = CoordinatorClient::with_interceptor(channel, auth.clone())
+            .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
+        let request = RegisterRequest {
             protocol_version: proto::PROTOCOL_VERSION,
             hostname: hostname(),
             pid: std::process::id(),
             device: config.device.clone(),
-            dataset_digest: local.as_ref().map(Dataset::digest).unwrap_or_default(),
-        })
-        .await
-        .map_err(|status| Error::Refused(status.message().to_string()))?
-        .into_inner();
-    let worker = WorkerId(reply.worker_id);
-    let job = reply
-        .job
-        .ok_or_else(|| Error::BadRequest("registration reply without a job".into()))?;
-    info!(%worker, job = %job.job_id, model = %job.model, "registered");
-
-    let dataset = match local {
-        Some(dataset) => dataset,
-        None => {
-            info!(dir = %data_dir.display(), "no local dataset: receiving the coordinator's");
-            receive_dataset(&mut client, &data_dir).await?;
-            let dataset = load_local(data_dir)
-                .await?
-                .ok_or_else(|| Error::Transfer("files missing after the transfer".into()))?;
-            if dataset.digest() != job.dataset_digest {
-                return Err(Error::Transfer(
-                    "the received files do not make the coordinator's dataset".into(),
-                ));
+            dataset_digest: local_digest.clone(),
+        };
+        let reply = match client.register(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if retryable(&status) => {
+                warn!("registration failed ({}); retrying", status.message());
+                pause(&shutdown).await;
+                continue;
             }
-            dataset
+            Err(status) => return Err(Error::Refused(status.message().to_string())),
+        };
+        let worker = WorkerId(reply.worker_id);
+        let job = reply
+            .job
+            .ok_or_else(|| Error::BadRequest("registration reply without a job".into()))?;
+        info!(%worker, job = %job.job_id, model = %job.model, "registered");
+        let heartbeat = Duration::from_millis(reply.heartbeat_interval_ms.clamp(10, 60_000));
+
+        // The same job (a restarted coordinator resumes it) keeps the executor; another job
+        // gets a new model over the same data.
+        let ready = match executor.take() {
+            Some((spec, ready)) if same_model(&spec, &job) => ready,
+            previous => {
+                let data = match (previous, dataset.take()) {
+                    (Some((_, old)), _) => old.into_dataset(),
+                    (None, Some(data)) => data,
+                    (None, None) => {
+                        info!(dir = %data_dir.display(), "no local dataset: receiving the coordinator's");
+                        receive_dataset(&mut client, &data_dir).await?;
+                        load_local(data_dir.clone()).await?.ok_or_else(|| {
+                            Error::Transfer("files missing after the transfer".into())
+                        })?
+                    }
+                };
+                if data.digest() != job.dataset_digest {
+                    return Err(Error::Transfer(
+                        "this worker's dataset is not the coordinator's".into(),
+                    ));
+                }
+                Executor::new(build_replica(&job, &device)?, data, device.clone())
+            }
+        };
+        let mut session = Session {
+            worker,
+            heartbeat,
+            gradients: &mut gradients,
+            fail_after: config.fail_after_steps,
+        };
+        let mut slot = Some(ready);
+        let outcome = session.serve(&mut client, &mut slot, &shutdown).await;
+        executor = slot.map(|ready| (job, ready));
+        match outcome {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                warn!("{e}; registering again");
+                pause(&shutdown).await;
+            }
+            Err(e) => return Err(e),
         }
-    };
-    let replica = build_replica(&job, &device)?;
-    let executor = Executor::new(replica, dataset, device);
-    serve(client, worker, executor, shutdown).await
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
 }
 
-/// Answers the coordinator's requests one at a time.
-async fn serve(
-    mut client: CoordinatorClient<Channel>,
+/// One registration's session.
+struct Session<'a> {
     worker: WorkerId,
-    mut executor: Executor,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let (outbox, outbound) = mpsc::channel(4);
-    outbox
-        .send(message(Kind::Hello(Hello {
-            worker_id: worker.0,
-        })))
-        .await
-        .expect("the channel is open");
-    let mut inbound = client
-        .session(ReceiverStream::new(outbound))
-        .await?
-        .into_inner();
-    loop {
-        let next = tokio::select! {
-            next = inbound.message() => next?,
-            () = shutdown.cancelled() => {
-                info!("shutting down");
-                return Ok(());
-            }
-        };
-        let Some(CoordinatorMessage {
-            kind: Some(command),
-        }) = next
-        else {
-            return match next {
-                None => Err(Error::CoordinatorLost("the session ended".into())),
-                Some(_) => Err(Error::BadRequest("a message without content".into())),
-            };
-        };
-        let (returned, answer) = match command {
-            Command::Shutdown(shutdown) => {
-                info!(reason = %shutdown.reason, "dismissed by the coordinator");
-                return Ok(());
-            }
-            command => tokio::task::spawn_blocking(move || {
-                let answer = answer(&mut executor, command);
-                (executor, answer)
-            })
+    heartbeat: Duration,
+    /// Gradients computed by this process, across sessions.
+    gradients: &'a mut u64,
+    fail_after: Option<u64>,
+}
+
+impl Session<'_> {
+    /// Answers the coordinator's requests one at a time, with heartbeats alongside.
+    async fn serve(
+        &mut self,
+        client: &mut Client,
+        executor: &mut Option<Executor>,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let (outbox, outbound) = mpsc::channel(4);
+        outbox
+            .send(message(Kind::Hello(Hello {
+                worker_id: self.worker.0,
+            })))
             .await
-            .expect("computation does not panic"),
-        };
-        executor = returned;
-        match answer {
-            Ok(kind) => {
-                if outbox.send(message(kind)).await.is_err() {
-                    return Err(Error::CoordinatorLost("the session closed".into()));
+            .expect("the channel is open");
+        let _heartbeats = AbortOnDrop(tokio::spawn(send_heartbeats(
+            outbox.clone(),
+            self.heartbeat,
+        )));
+        let mut inbound = client
+            .session(ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        loop {
+            let next = tokio::select! {
+                next = inbound.message() => next?,
+                () = shutdown.cancelled() => {
+                    info!("shutting down");
+                    return Ok(());
+                }
+            };
+            let Some(CoordinatorMessage {
+                kind: Some(command),
+            }) = next
+            else {
+                return match next {
+                    None => Err(Error::CoordinatorLost("the session ended".into())),
+                    Some(_) => Err(Error::BadRequest("a message without content".into())),
+                };
+            };
+            let answer = match command {
+                Command::Shutdown(shutdown) => {
+                    info!(reason = %shutdown.reason, "dismissed by the coordinator");
+                    return Ok(());
+                }
+                Command::Evicted(evicted) => return Err(Error::Evicted(evicted.reason)),
+                command => {
+                    let is_gradient = matches!(command, Command::Compute(_));
+                    let answer = compute(executor, command).await;
+                    if is_gradient && answer.is_ok() {
+                        *self.gradients += 1;
+                        if self.fail_after.is_some_and(|n| *self.gradients >= n) {
+                            return Err(Error::InjectedFault(*self.gradients));
+                        }
+                    }
+                    answer
+                }
+            };
+            match answer {
+                Ok(kind) => {
+                    if outbox.send(message(kind)).await.is_err() {
+                        return Err(Error::CoordinatorLost("the session closed".into()));
+                    }
+                }
+                Err(e) => {
+                    warn!("cannot answer: {e}");
+                    let failure = Kind::Failure(Failure {
+                        message: e.to_string(),
+                    });
+                    let _ = outbox.send(message(failure)).await;
+                    return Err(e);
                 }
             }
-            Err(e) => {
-                warn!("cannot answer: {e}");
-                let failure = Kind::Failure(Failure {
-                    message: e.to_string(),
-                });
-                let _ = outbox.send(message(failure)).await;
-                return Err(e);
-            }
         }
+    }
+}
+
+/// Runs one request on a blocking thread, so heartbeats keep flowing meanwhile.
+async fn compute(slot: &mut Option<Executor>, command: Command) -> Result<Kind> {
+    // `spawn_blocking` needs `'static`: the executor moves there and back.
+    let mut executor = slot
+        .take()
+        .expect("the executor is back after each request");
+    let (executor, answer) = tokio::task::spawn_blocking(move || {
+        let answer = answer(&mut executor, command);
+        (executor, answer)
+    })
+    .await
+    .expect("computation does not panic");
+    *slot = Some(executor);
+    answer
+}
+
+async fn send_heartbeats(outbox: mpsc::Sender<WorkerMessage>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if outbox
+            .send(message(Kind::Heartbeat(Heartbeat {})))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Stops the heartbeats when the session ends, however it ends.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -167,10 +275,19 @@ fn answer(executor: &mut Executor, command: Command) -> Result<Kind> {
                 count: sums.count,
                 loss_sum: sums.loss_sum,
                 correct: sums.correct,
+                start: evaluate.start,
+                end: evaluate.end,
             }))
         }
-        Command::Shutdown(_) => unreachable!("handled by the caller"),
+        Command::Shutdown(_) | Command::Evicted(_) => unreachable!("handled by the caller"),
     }
+}
+
+/// Whether the job is the one `spec` describes, as far as the model is concerned.
+fn same_model(spec: &JobSpec, job: &JobSpec) -> bool {
+    spec.model == job.model
+        && spec.layout_digest == job.layout_digest
+        && spec.dataset_digest == job.dataset_digest
 }
 
 /// Builds the job's model and checks it is the coordinator's, parameter for parameter.
@@ -191,18 +308,57 @@ fn build_replica(job: &JobSpec, device: &Device) -> Result<Replica> {
     Ok(replica)
 }
 
-/// Connects, retrying with backoff until `timeout`: workers may start before the coordinator.
-async fn connect(url: &str, timeout: Duration, shutdown: &CancellationToken) -> Result<Channel> {
+/// The coordinator's address with this worker's transport settings.
+fn endpoint(config: &Config) -> Result<Endpoint> {
+    let url = &config.coordinator;
     let unreachable = |reason: String| Error::Unreachable {
-        url: url.to_string(),
+        url: url.clone(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(url.to_string())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| unreachable(format!("not a valid URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(proto::WINDOW_BYTES)
-        .initial_connection_window_size(proto::WINDOW_BYTES);
+        .initial_connection_window_size(proto::WINDOW_BYTES)
+        // A coordinator that vanished without closing the connection is noticed by pings.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let https = url.starts_with("https://");
+    match config.tls() {
+        Some(tls) if https => {
+            endpoint = endpoint
+                .tls_config(tls.load()?)
+                .map_err(|e| unreachable(format!("TLS settings: {e}")))?;
+        }
+        Some(_) => {
+            return Err(unreachable(
+                "--tls-ca is given but the URL is not https://; TLS would not be used".into(),
+            ));
+        }
+        None if https => {
+            return Err(unreachable(
+                "an https:// URL needs --tls-ca, the CA that signed the coordinator's certificate"
+                    .into(),
+            ));
+        }
+        None => {}
+    }
+    Ok(endpoint)
+}
+
+/// Connects, retrying with backoff until `timeout`: workers may start before the coordinator,
+/// and reconnect while it restarts.
+async fn connect(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Channel> {
+    let unreachable = |reason: String| Error::Unreachable {
+        url: endpoint.uri().to_string(),
+        reason,
+    };
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(100);
     loop {
@@ -214,11 +370,28 @@ async fn connect(url: &str, timeout: Duration, shutdown: &CancellationToken) -> 
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return Err(unreachable("shut down while connecting".into())),
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => return Err(unreachable(format!("{e} (gave up after {timeout:?})"))),
         }
     }
+}
+
+/// A short wait before registering again, cut short by shutdown.
+async fn pause(shutdown: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// Whether a failed call may succeed when repeated: the coordinator is restarting or the
+/// connection broke, as opposed to a refusal.
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal
+    )
 }
 
 /// The dataset in `dir`, or `None` when the directory lacks the files.

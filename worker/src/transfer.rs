@@ -1,14 +1,14 @@
 //! Receiving the coordinator's dataset, so remote workers need no shared volume.
 
+use crate::session::Client;
 use crate::{Error, Result};
 use common::dataset::FILE_NAMES;
-use proto::v1::{FetchDatasetRequest, coordinator_client::CoordinatorClient};
+use proto::v1::FetchDatasetRequest;
 use sha2::{Digest, Sha256};
 use std::{
     io::Write,
     path::{Path, PathBuf},
 };
-use tonic::transport::Channel;
 use tracing::info;
 
 /// Largest file accepted: MNIST's training images are 47 MB; allow for larger IDX datasets
@@ -18,7 +18,7 @@ const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Downloads the four dataset files into `dir`, checking each against the SHA-256 the
 /// coordinator sends with its last chunk. Files land under their own names only once
 /// complete and verified.
-pub async fn receive_dataset(client: &mut CoordinatorClient<Channel>, dir: &Path) -> Result<()> {
+pub async fn receive_dataset(client: &mut Client, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
     let staging = tempfile::Builder::new()
         .prefix(".receiving-")

@@ -1,0 +1,175 @@
+//! The resume checkpoint: everything a restarted coordinator needs to carry on exactly where
+//! the job was, in one safetensors file (`checkpoints/resume.safetensors`) replaced
+//! atomically. Tensors hold the parameters, the optimiser's buffers and the epoch's remaining
+//! samples; the metadata entry `state` holds the rest as JSON.
+//!
+//! There is no random-number state to save: every random choice (initial parameters, epoch
+//! order, dropout masks) is derived from the job seed and the epoch or step number.
+
+use crate::{Error, Result, metrics::EpochRecord, progress::EpochProgress};
+use common::{job::JobConfig, optim::OptimizerState};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+use std::{collections::HashMap, io::Write, path::Path};
+
+/// Bumped when the layout of the file changes.
+pub const FORMAT: u32 = 1;
+
+/// File name inside `checkpoints/`.
+pub const FILE_NAME: &str = "resume.safetensors";
+
+/// The JSON part of the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeState {
+    pub format: u32,
+    pub job_id: String,
+    pub job: JobConfig,
+    pub layout_digest: String,
+    pub dataset_digest: String,
+    /// Steps applied since the start of the job.
+    pub global_step: u64,
+    /// The epoch in progress (its `remaining` samples are the `remaining` tensor).
+    pub progress: EpochProgress,
+    /// The completed epochs, as in `metrics.jsonl`.
+    pub records: Vec<EpochRecord>,
+    /// Worker ids continue from here, so that no id is reused within the job.
+    pub next_worker_id: u64,
+    /// Optimiser steps applied and buffer length (the buffers are tensors).
+    pub optimizer_step: u64,
+    pub optimizer_len: usize,
+    /// Seconds of training before this checkpoint, across restarts.
+    pub wall_seconds: f64,
+    pub created: String,
+}
+
+/// A whole checkpoint.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub state: ResumeState,
+    pub parameters: Vec<f32>,
+    pub optimizer: OptimizerState,
+}
+
+impl Resume {
+    /// Writes the checkpoint to `path` through a temporary file in the same directory that is
+    /// synced before it is renamed over the old one, so a crash leaves the old checkpoint or
+    /// the new one, never a mixture.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let remaining: Vec<u32> = self.state.progress.remaining.iter().copied().collect();
+        let state = serde_json::to_string(&self.state).expect("resume state serialises");
+        let bytes = {
+            let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let parameters = f32_bytes(&self.parameters);
+            let first = f32_bytes(&self.optimizer.first_moment);
+            let second = f32_bytes(&self.optimizer.second_moment);
+            let order: Vec<u8> = remaining.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let tensors = [
+                ("parameters", view(Dtype::F32, &parameters)),
+                ("optimizer.first_moment", view(Dtype::F32, &first)),
+                ("optimizer.second_moment", view(Dtype::F32, &second)),
+                ("remaining", view(Dtype::U32, &order)),
+            ];
+            let metadata = HashMap::from([("state".to_string(), state)]);
+            safetensors::serialize(tensors, Some(metadata))
+                .map_err(|e| Error::Checkpoint(format!("cannot encode the checkpoint: {e}")))?
+        };
+        write_atomically(path, &bytes)
+    }
+
+    /// Reads a checkpoint written by [`save`](Self::save), checking that its parts fit
+    /// together.
+    pub fn load(path: &Path) -> Result<Resume> {
+        let bad = |problem: String| Error::Checkpoint(format!("{}: {problem}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, metadata) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+        let json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("state"))
+            .ok_or_else(|| bad("no `state` metadata".into()))?;
+        let mut state: ResumeState =
+            serde_json::from_str(json).map_err(|e| bad(format!("unreadable state: {e}")))?;
+        if state.format != FORMAT {
+            return Err(bad(format!(
+                "format {} (this build reads {FORMAT})",
+                state.format
+            )));
+        }
+        let tensors =
+            SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+        let read = |name: &str, dtype: Dtype| -> Result<Vec<[u8; 4]>> {
+            let view = tensors
+                .tensor(name)
+                .map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            if view.dtype() != dtype {
+                return Err(bad(format!(
+                    "tensor {name} is {:?}, not {dtype:?}",
+                    view.dtype()
+                )));
+            }
+            Ok(view
+                .data()
+                .chunks_exact(4)
+                .map(|c| c.try_into().expect("4 bytes"))
+                .collect())
+        };
+        let floats = |name: &str| -> Result<Vec<f32>> {
+            Ok(read(name, Dtype::F32)?
+                .into_iter()
+                .map(f32::from_le_bytes)
+                .collect())
+        };
+        let parameters = floats("parameters")?;
+        let optimizer = OptimizerState {
+            len: state.optimizer_len,
+            step: state.optimizer_step,
+            first_moment: floats("optimizer.first_moment")?,
+            second_moment: floats("optimizer.second_moment")?,
+        };
+        state.progress.remaining = read("remaining", Dtype::U32)?
+            .into_iter()
+            .map(u32::from_le_bytes)
+            .collect();
+        if parameters.len() != state.optimizer_len {
+            return Err(bad(format!(
+                "{} parameters but optimiser state for {}",
+                parameters.len(),
+                state.optimizer_len
+            )));
+        }
+        Ok(Resume {
+            state,
+            parameters,
+            optimizer,
+        })
+    }
+}
+
+/// A one-dimensional tensor over `data`, whose elements are 4 bytes wide.
+fn view(dtype: Dtype, data: &[u8]) -> TensorView<'_> {
+    TensorView::new(dtype, vec![data.len() / 4], data).expect("the length fits the shape")
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut temporary = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    temporary
+        .write_all(bytes)
+        .and_then(|()| temporary.as_file().sync_all())
+        .map_err(|e| Error::io(temporary.path(), e))?;
+    fail::fail_point!("checkpoint-before-rename", |_| Err(Error::Checkpoint(
+        "failpoint checkpoint-before-rename".into()
+    )));
+    temporary
+        .persist(path)
+        .map_err(|e| Error::io(path, e.error))?;
+    // The rename is durable only once the directory entry is.
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}

@@ -217,7 +217,7 @@ impl Trainer {
                 self.step(self.last_lr).await?;
                 self.progress.train_seconds += step_started.elapsed().as_secs_f64();
                 let every = self.options.checkpoint_every;
-                if every > 0 && self.global_step % every == 0 && !self.progress.is_done() {
+                if every > 0 && self.global_step.is_multiple_of(every) && !self.progress.is_done() {
                     self.save_resume(started)?;
                 }
                 if last_progress.elapsed() >= PROGRESS_INTERVAL {

@@ -173,3 +173,101 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Departure;
+    use common::{model::ModelKind, optim::OptimizerConfig};
+
+    fn sample() -> Resume {
+        let job = JobConfig {
+            model: ModelKind::Mlp,
+            epochs: 3,
+            batch_size: 16,
+            workers: 2,
+            seed: 9,
+            optimizer: OptimizerConfig::default(),
+            lr: 0.05,
+            lr_reference_batch: Some(64),
+            warmup_steps: 5,
+            cosine_decay: true,
+            max_steps: None,
+        };
+        let mut progress = EpochProgress {
+            epoch: 2,
+            count: 320,
+            loss_sum: 12.5,
+            correct: 300,
+            steps: 10,
+            lost: vec![Departure {
+                worker: "w3".into(),
+                step: 41,
+                reason: "silent".into(),
+            }],
+            ..EpochProgress::default()
+        };
+        progress.remaining = [5u32, 1, 4, 1_000_000].into_iter().collect();
+        Resume {
+            state: ResumeState {
+                format: FORMAT,
+                job_id: "mlp-test".into(),
+                job,
+                layout_digest: "abc".into(),
+                dataset_digest: "def".into(),
+                global_step: 42,
+                progress,
+                records: Vec::new(),
+                next_worker_id: 7,
+                optimizer_step: 42,
+                optimizer_len: 3,
+                wall_seconds: 1.5,
+                created: "now".into(),
+            },
+            parameters: vec![1.0, -0.0, f32::MIN_POSITIVE],
+            optimizer: OptimizerState {
+                len: 3,
+                step: 42,
+                first_moment: vec![0.5, 0.25, -3.0],
+                second_moment: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_saved_checkpoint_loads_back_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let saved = sample();
+        saved.save(&path).unwrap();
+        let loaded = Resume::load(&path).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&loaded.parameters), bits(&saved.parameters));
+        assert_eq!(loaded.optimizer, saved.optimizer);
+        assert_eq!(loaded.state.progress.remaining, saved.state.progress.remaining);
+        assert_eq!(loaded.state.progress.lost, saved.state.progress.lost);
+        assert_eq!(loaded.state.global_step, 42);
+        assert_eq!(loaded.state.next_worker_id, 7);
+        assert_eq!(loaded.state.job, saved.state.job);
+        // Saving again replaces the file and leaves nothing else behind.
+        saved.save(&path).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn damaged_checkpoints_are_refused_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        sample().save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let error = Resume::load(&path).unwrap_err().to_string();
+        assert!(error.contains(FILE_NAME), "{error}");
+
+        let mut inconsistent = sample();
+        inconsistent.state.optimizer_len = 4;
+        inconsistent.save(&path).unwrap();
+        let error = Resume::load(&path).unwrap_err().to_string();
+        assert!(error.contains("3 parameters but optimiser state for 4"), "{error}");
+    }
+}

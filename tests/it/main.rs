@@ -5,4 +5,5 @@
 mod cluster;
 mod end_to_end;
 mod fetch;
+mod security;
 mod support;

@@ -35,6 +35,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Summary> {
     config.validate()?;
+    // Security settings are read first: a bad file should stop the job before it creates
+    // anything.
+    let tls = match config.tls() {
+        Some(tls) => Some(tls.load().map_err(|e| Error::Config(e.to_string()))?),
+        None => None,
+    };
+    let token = config.join_token()?;
     let resume = match &config.resume {
         Some(dir) => Some(Resume::load(
             &dir.join("checkpoints").join(resume::FILE_NAME),
@@ -111,11 +118,9 @@ pub async fn run(
         .map_err(|e| Error::io("listener", e))?;
     let server_stop = CancellationToken::new();
     let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = config.tls() {
-        let tls = tls.load().map_err(|e| Error::Config(e.to_string()))?;
+    if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
-    let token = config.join_token()?;
     let service = InterceptedService::new(
         CoordinatorServer::new(service)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)

@@ -135,7 +135,22 @@ impl Coordinator for CoordinatorService {
                 match inbound.message().await {
                     Ok(Some(message)) => {
                         let report = match message.kind {
-                            Some(Kind::Gradient(g)) => Report::Gradient(g),
+                            Some(Kind::Gradient(g)) => {
+                                if drop_report() {
+                                    continue;
+                                }
+                                if let Some(delay) = report_delay() {
+                                    tokio::time::sleep(delay).await;
+                                }
+                                if duplicate_report() {
+                                    let copy = Report::Gradient(g.clone());
+                                    let _ = events.send(Event::Report {
+                                        worker,
+                                        report: copy,
+                                    });
+                                }
+                                Report::Gradient(g)
+                            }
                             Some(Kind::Eval(e)) => Report::Eval(e),
                             Some(Kind::Failure(f)) => Report::Failure(f.message),
                             Some(Kind::Heartbeat(_)) => Report::Heartbeat,
@@ -225,6 +240,32 @@ async fn send_file(
             return Ok(());
         }
     }
+}
+
+// Failpoints on a gradient answer in flight, for the `failpoints` test binary (without the
+// `failpoints` feature they never fire). Heartbeats pass untouched, so that an action
+// counts answers only.
+
+/// `report-drop`: the answer is lost; the worker looks like a straggler.
+fn drop_report() -> bool {
+    fail::fail_point!("report-drop", |_| true);
+    false
+}
+
+/// `report-delay`, configured as `return(MILLISECONDS)`: the answer (and what the worker
+/// sends after it) is held back that long. An async sleep: fail's own `sleep` action would
+/// block a runtime thread.
+fn report_delay() -> Option<Duration> {
+    fail::fail_point!("report-delay", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
+}
+
+/// `report-duplicate`: the answer is forwarded twice.
+fn duplicate_report() -> bool {
+    fail::fail_point!("report-duplicate", |_| true);
+    false
 }
 
 fn short(digest: &str) -> &str {

@@ -211,8 +211,8 @@ impl Trainer {
             let epoch = self.progress.epoch;
             let epoch_started = Instant::now();
             let mut last_progress = Instant::now();
-            while !self.progress.is_done() && self.global_step < total_steps {
-                self.last_lr = schedule.at(self.global_step);
+            while !self.progress.is_done() && !self.step_limit_reached() {
+                self.last_lr = schedule.at(self.schedule_position());
                 let step_started = Instant::now();
                 self.step(self.last_lr).await?;
                 self.progress.train_seconds += step_started.elapsed().as_secs_f64();
@@ -255,7 +255,7 @@ impl Trainer {
             );
             self.records.push(record);
             let next = epoch + 1;
-            self.progress = if next <= self.job.epochs && self.global_step < total_steps {
+            self.progress = if next <= self.job.epochs && !self.step_limit_reached() {
                 EpochProgress::new(next, &epoch_plan(&self.job, next, self.train_len))
             } else {
                 // Past the last epoch: a restart from here only writes the summary.
@@ -289,6 +289,23 @@ impl Trainer {
         };
         self.run_dir.write_summary(&summary)?;
         Ok(summary)
+    }
+
+    /// Whether `--max-steps` has been reached. Without it, epochs end when their samples
+    /// run out, which takes an extra step when a lost worker's samples were handed back.
+    fn step_limit_reached(&self) -> bool {
+        self.job
+            .max_steps
+            .is_some_and(|max| self.global_step >= max)
+    }
+
+    /// Where the learning-rate schedule stands: the step the job would be at with the samples
+    /// used so far. Without failures this is the global step; steps repeated for a lost
+    /// worker's samples do not advance it, so they do not run past the schedule's end.
+    fn schedule_position(&self) -> u64 {
+        let consumed = self.train_len - self.progress.remaining.len();
+        u64::from(self.progress.epoch.saturating_sub(1)) * self.job.steps_per_epoch(self.train_len)
+            + consumed.div_ceil(self.job.global_batch()) as u64
     }
 
     fn epoch_record(

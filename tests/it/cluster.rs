@@ -184,3 +184,26 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
     assert!(matches!(outcome, Err(coordinator::Error::Interrupted)));
     Ok(())
 }
+
+/// A learning rate that blows the model up makes every worker's gradient non-finite in the
+/// same step: that is divergence, which stops the job with a named error rather than evicting
+/// every worker in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divergence_stops_the_job_with_a_named_error() -> anyhow::Result<()> {
+    init_logging();
+    let run_dir = tempfile::tempdir()?;
+    let config = coordinator::Config {
+        workers: 2,
+        model: ModelKind::Mlp,
+        lr: Some(1e30),
+        warmup_steps: 0,
+        max_steps: Some(50),
+        ..test_config(run_dir.path())
+    };
+    let error = train_in_process(config, None)
+        .await
+        .expect_err("a rate of 1e30 diverges");
+    let message = format!("{error:#}");
+    assert!(message.contains("diverged"), "{message}");
+    Ok(())
+}

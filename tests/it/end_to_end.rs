@@ -78,6 +78,31 @@ fn bad_flags_and_corrupt_data_are_named() -> anyhow::Result<()> {
     assert!(!ok);
     assert!(stderr.contains("batch-size"), "{stderr}");
 
+    info!("--- membership flags that contradict each other");
+    for (args, named) in [
+        (&["--min-workers", "0"][..], "--min-workers"),
+        (
+            &["--workers", "2", "--min-workers", "3"][..],
+            "--min-workers",
+        ),
+        (
+            &["--workers", "3", "--max-workers", "2"][..],
+            "--max-workers",
+        ),
+        (&["--worker-timeout=-1"][..], "--worker-timeout"),
+        (&["--pause-timeout", "nan"][..], "--pause-timeout"),
+    ] {
+        let (ok, stderr) = run(args)?;
+        assert!(!ok, "{args:?} was accepted");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+
+    info!("--- resuming a directory without a checkpoint");
+    let empty = tempfile::tempdir()?;
+    let (ok, stderr) = run(&["--resume", &empty.path().to_string_lossy()])?;
+    assert!(!ok);
+    assert!(stderr.contains("resume.safetensors"), "{stderr}");
+
     info!("--- truncated images file");
     let data = tempfile::tempdir()?;
     for name in common::dataset::FILE_NAMES {

@@ -244,7 +244,10 @@ mod tests {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&loaded.parameters), bits(&saved.parameters));
         assert_eq!(loaded.optimizer, saved.optimizer);
-        assert_eq!(loaded.state.progress.remaining, saved.state.progress.remaining);
+        assert_eq!(
+            loaded.state.progress.remaining,
+            saved.state.progress.remaining
+        );
         assert_eq!(loaded.state.progress.lost, saved.state.progress.lost);
         assert_eq!(loaded.state.global_step, 42);
         assert_eq!(loaded.state.next_worker_id, 7);
@@ -268,6 +271,9 @@ mod tests {
         inconsistent.state.optimizer_len = 4;
         inconsistent.save(&path).unwrap();
         let error = Resume::load(&path).unwrap_err().to_string();
-        assert!(error.contains("3 parameters but optimiser state for 4"), "{error}");
+        assert!(
+            error.contains("3 parameters but optimiser state for 4"),
+            "{error}"
+        );
     }
 }

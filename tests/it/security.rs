@@ -12,17 +12,23 @@ use tracing::info;
 fn write_certificates(dir: &Path) -> anyhow::Result<()> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "lockstep test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "lockstep test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate()?;
     std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key)?.pem())?;
     let issuer = Issuer::new(ca, ca_key);
 
     let mut server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
-    server.distinguished_name.push(DnType::CommonName, "localhost");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate()?;
-    std::fs::write(dir.join("server.pem"), server.signed_by(&key, &issuer)?.pem())?;
+    std::fs::write(
+        dir.join("server.pem"),
+        server.signed_by(&key, &issuer)?.pem(),
+    )?;
     std::fs::write(dir.join("server.key"), key.serialize_pem())?;
     Ok(())
 }
@@ -59,7 +65,10 @@ fn a_job_runs_over_tls_with_a_join_token() -> anyhow::Result<()> {
     let metrics = std::fs::read_to_string(run_dir.path().join("metrics.jsonl"))?;
     let record: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap_or(""))?;
     assert_eq!(record["samples"], 60_000);
-    assert!(record["test_accuracy"].as_f64().unwrap_or(0.0) > 0.85, "{record}");
+    assert!(
+        record["test_accuracy"].as_f64().unwrap_or(0.0) > 0.85,
+        "{record}"
+    );
     Ok(())
 }
 

@@ -659,7 +659,7 @@ impl Trainer {
             Event::Joined { worker, outbox } => {
                 self.next_worker_id = self.next_worker_id.max(worker.0 + 1);
                 match self.membership.arrive(worker, outbox) {
-                    Arrival::Waiting => info!(%worker, "arrived; waits for the next step"),
+                    Arrival::Waiting => debug!(%worker, "arrived; waits for the next step"),
                     Arrival::TurnedAway => {
                         warn!(%worker, "turned away: the job has --max-workers workers");
                     }

@@ -21,7 +21,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+/// How long open connections get to close when the job is over.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// How long spawned workers get to exit after being told to, before they are killed.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(10);
@@ -203,11 +206,18 @@ pub async fn run(
         workers.shutdown(WORKER_EXIT_GRACE).await;
     }
     server_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
+    // Graceful shutdown waits for every connection to close; one that never finished its
+    // HTTP/2 handshake (a port scanner, a stray client) would hold the exit up, so after a
+    // short grace the remaining connections are dropped.
+    let mut server = server;
+    match tokio::time::timeout(SERVER_STOP_GRACE, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!("gRPC server ended with an error: {e}"),
         Ok(Err(e)) => warn!("gRPC server task failed: {e}"),
-        Err(_) => warn!("gRPC server did not stop within 5 s"),
+        Err(_) => {
+            debug!("connections still open after {SERVER_STOP_GRACE:?}: dropping them");
+            server.abort();
+        }
     }
     outcome
 }

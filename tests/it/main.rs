@@ -4,6 +4,8 @@
 
 mod cluster;
 mod end_to_end;
+mod faults;
 mod fetch;
+mod procs;
 mod security;
 mod support;

@@ -104,7 +104,7 @@ pub struct Config {
     pub max_workers: Option<usize>,
 
     /// Seconds after which a silent worker (no heartbeat), or one still computing that long
-    /// after all the others answered, is evicted.
+    /// after half the others answered, is evicted.
     #[arg(long, env = "LOCKSTEP_WORKER_TIMEOUT", default_value_t = 5.0)]
     pub worker_timeout: f64,
 

@@ -762,3 +762,73 @@ fn spawned_worker_sigkilled_is_restarted_by_the_coordinator() -> anyhow::Result<
     assert_eq!(records.last().unwrap()["workers"], 3);
     Ok(())
 }
+
+/// With `--min-workers 2`, losing one of two workers pauses the job; it carries on when a new
+/// worker arrives, and the epoch still trains every sample.
+#[test]
+fn below_min_workers_the_job_pauses_until_a_worker_arrives() -> anyhow::Result<()> {
+    init_logging();
+    let job = Job::mlp(2, 2);
+    baseline(&job);
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let flags = ["--worker-timeout", "2", "--min-workers", "2"];
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let log = &cluster.coordinator.log;
+    let victim = cluster.workers[1].clone();
+    let (killed, lost) = strike(&mut procs, &cluster, &victim, SIGKILL);
+    let paused = log.wait_for_after(&lost, "paused:");
+    seconds("fault to pause", killed, paused.at);
+
+    info!("--- paused: no step while one worker is missing");
+    std::thread::sleep(Duration::from_secs(1));
+    let steps_while_paused = log
+        .find_all(|l| l.contains("step done"))
+        .iter()
+        .filter(|l| l.index > paused.index)
+        .count();
+    assert_eq!(steps_while_paused, 0, "the job trained while paused");
+
+    info!("--- a new worker arrives and the job carries on");
+    let started = Instant::now();
+    procs.worker("worker#1 (new)", &cluster.url, &[]);
+    let resumed = log.wait_for_after(&paused, "resumed with 2 workers");
+    seconds("arrival to resumed training", started, resumed.at);
+    check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
+    Ok(())
+}
+
+/// A pause longer than `--pause-timeout` ends the job with an error that says how many
+/// workers it had and needed; the remaining worker is dismissed.
+#[test]
+fn a_pause_past_its_timeout_fails_naming_the_shortfall() -> anyhow::Result<()> {
+    init_logging();
+    let job = Job::mlp(2, 2);
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let flags = [
+        "--worker-timeout",
+        "2",
+        "--min-workers",
+        "2",
+        "--pause-timeout",
+        "1",
+    ];
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let victim = cluster.workers[1].clone();
+    strike(&mut procs, &cluster, &victim, SIGKILL);
+    let status = procs.wait_exit(&cluster.coordinator, WAIT);
+    assert!(!status.success(), "the job cannot finish without workers");
+    let error = cluster
+        .coordinator
+        .log
+        .wait_for("paused with 1 of the 2 workers needed");
+    println!("{}", error.text);
+    let survivor = &cluster.workers[0];
+    let status = procs.wait_exit(survivor, WAIT);
+    assert!(
+        status.success(),
+        "the remaining worker is dismissed: {status}"
+    );
+    Ok(())
+}

@@ -62,10 +62,7 @@ impl Error {
     /// Whether running the job again (or resuming it) may succeed, as opposed to a problem
     /// of the job itself (bad flags, bad data, divergence).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::TooFewWorkers { .. } | Error::Transport(_) | Error::Io { .. }
-        )
+        matches!(self, Error::TooFewWorkers { .. })
     }
 
     /// Wraps an I/O error with the path it concerns.

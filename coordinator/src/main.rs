@@ -61,9 +61,18 @@ async fn coordinate(config: coordinator::Config) -> ExitCode {
             tracing::error!("interrupted before training completed");
             ExitCode::from(130)
         }
+        Err(e) if e.is_retryable() => {
+            tracing::error!("{e}");
+            tracing::info!("the job can be continued with --resume and the same run directory");
+            ExitCode::from(EXIT_RETRYABLE)
+        }
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// Exit status of a job stopped by something outside it (its workers did not come back):
+/// running it again with `--resume` may succeed. BSD's EX_TEMPFAIL, which supervisors read as "retry".
+const EXIT_RETRYABLE: u8 = 75;

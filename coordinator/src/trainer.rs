@@ -855,3 +855,79 @@ fn churn_note(record: &EpochRecord) -> String {
         record.samples_requeued
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(count: u64, correct: u64, gradient: &[f32]) -> GradientReport {
+        GradientReport {
+            step: 3,
+            count,
+            loss_sum: 1.5,
+            correct,
+            gradient: proto::encode_f32(gradient),
+            compute_seconds: 0.01,
+        }
+    }
+
+    fn refusal(verdict: Verdict<Contribution>) -> (String, bool) {
+        match verdict {
+            Verdict::Refuse {
+                problem,
+                non_finite,
+            } => (problem, non_finite),
+            Verdict::Accept(_) => panic!("accepted"),
+            Verdict::Ignore => panic!("ignored"),
+        }
+    }
+
+    #[test]
+    fn gradients_that_do_not_fit_the_request_are_refused_with_the_reason() {
+        let good = [0.5, -0.25, 1.0];
+        assert!(matches!(
+            judge_gradient(report(4, 2, &good), 4, 3),
+            Verdict::Accept(Contribution { count: 4, .. })
+        ));
+
+        let (problem, nan) = refusal(judge_gradient(report(1_000_000, 2, &good), 4, 3));
+        assert!(
+            problem.contains("1000000 images, 4 were assigned") && !nan,
+            "{problem}"
+        );
+
+        let (problem, _) = refusal(judge_gradient(report(4, 5, &good), 4, 3));
+        assert!(problem.contains("5 correct out of 4"), "{problem}");
+
+        let (problem, _) = refusal(judge_gradient(report(4, 2, &good[..2]), 4, 3));
+        assert!(problem.contains("2 floats"), "{problem}");
+
+        let (problem, nan) = refusal(judge_gradient(
+            report(4, 2, &[0.0, f32::INFINITY, 0.0]),
+            4,
+            3,
+        ));
+        assert!(problem.contains("non-finite") && nan, "{problem}");
+
+        let mut odd = report(4, 2, &good);
+        odd.gradient = bytes::Bytes::from_static(&[1, 2, 3]);
+        let (problem, _) = refusal(judge_gradient(odd, 4, 3));
+        assert!(problem.contains("gradient"), "{problem}");
+    }
+
+    #[test]
+    fn evaluation_sums_must_fit_the_range() {
+        assert!(matches!(judge_eval(10, 2.0, 9, 10), Verdict::Accept(_)));
+        for (count, loss, correct) in [
+            (11, 2.0, 9),
+            (10, f64::NAN, 9),
+            (10, -1.0, 9),
+            (10, 2.0, 11),
+        ] {
+            assert!(
+                matches!(judge_eval(count, loss, correct, 10), Verdict::Refuse { .. }),
+                "{count} {loss} {correct}"
+            );
+        }
+    }
+}

@@ -431,7 +431,9 @@ struct Rogue {
     evicted: Option<String>,
 }
 
-async fn rogue_worker(url: String) -> anyhow::Result<Rogue> {
+/// A client that speaks the protocol and answers every request with `poison(parameter count)`
+/// as its gradient, until it is dismissed.
+async fn rogue_worker(url: String, poison: fn(usize) -> Vec<f32>) -> anyhow::Result<Rogue> {
     use anyhow::Context;
     let message = |kind| WorkerMessage { kind: Some(kind) };
     let mut client = CoordinatorClient::connect(url)
@@ -483,8 +485,7 @@ async fn rogue_worker(url: String) -> anyhow::Result<Rogue> {
         match command {
             Command::Compute(compute) => {
                 let count = proto::decode_u32("indices", &compute.indices)?.len() as u64;
-                let mut gradient = vec![0.0; parameter_count];
-                gradient[7] = f32::NAN;
+                let gradient = poison(parameter_count);
                 nan_sent.get_or_insert_with(Instant::now);
                 outbox
                     .send(message(Kind::Gradient(GradientReport {
@@ -526,7 +527,7 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
 
     info!("--- a rogue client joins after step 100 and answers with NaN");
     wait_step(log, 100);
-    let rogue = runtime.spawn(rogue_worker(cluster.url.clone()));
+    let rogue = runtime.spawn(rogue_worker(cluster.url.clone(), nan_at_7));
     let lost = log.wait_for_line(
         0,
         "lost at step ... non-finite",
@@ -556,6 +557,56 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
         joined.iter().any(|j| j["worker"] == id.as_str()),
         "{joined:?}"
     );
+    Ok(())
+}
+
+fn nan_at_7(len: usize) -> Vec<f32> {
+    let mut gradient = vec![0.0; len];
+    gradient[7] = f32::NAN;
+    gradient
+}
+
+/// Gradients one float short, and gradients over the 64 MiB message limit: each rogue is
+/// evicted with a reason that names the problem, and training goes on unaffected.
+#[test]
+fn rogue_clients_with_short_or_oversized_gradients_are_evicted() -> anyhow::Result<()> {
+    init_logging();
+    let job = Job::mlp(4, 2);
+    baseline(&job);
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let flags = ["--worker-timeout", "2", "--max-workers", "5"];
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let log = &cluster.coordinator.log;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let cases: [(&str, fn(usize) -> Vec<f32>, &str); 2] = [
+        ("one float short", |len| vec![0.0; len - 1], "parameters"),
+        (
+            "over the message limit",
+            |_| vec![0.0; proto::MAX_MESSAGE_BYTES / 4 + 1],
+            "session broke",
+        ),
+    ];
+    let mut ids = Vec::new();
+    let mut after = wait_step(log, 100);
+    for (what, poison, named) in cases {
+        info!("--- a rogue client answers with a gradient {what}");
+        let rogue = runtime.spawn(rogue_worker(cluster.url.clone(), poison));
+        let rogue = runtime.block_on(async { tokio::time::timeout(WAIT, rogue).await })???;
+        let id = format!("w{}", rogue.worker_id);
+        let lost = log.wait_for_after(&after, &format!("worker {id} lost at step"));
+        println!(
+            "{what}: {}",
+            &lost.text[lost.text.find("lost").unwrap_or(0)..]
+        );
+        assert!(lost.text.contains(named), "{}", lost.text);
+        after = lost;
+        ids.push(id);
+    }
+
+    info!("--- the job finishes");
+    let records = check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
+    assert_lost(&records, &[&ids[0], &ids[1]]);
     Ok(())
 }
 

@@ -433,7 +433,7 @@ struct Rogue {
 
 /// A client that speaks the protocol and answers every request with `poison(parameter count)`
 /// as its gradient, until it is dismissed.
-async fn rogue_worker(url: String, poison: fn(usize) -> Vec<f32>) -> anyhow::Result<Rogue> {
+async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
     use anyhow::Context;
     let message = |kind| WorkerMessage { kind: Some(kind) };
     let mut client = CoordinatorClient::connect(url)
@@ -560,6 +560,9 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
     Ok(())
 }
 
+/// Builds a rogue's gradient from the model's parameter count.
+type Poison = fn(usize) -> Vec<f32>;
+
 fn nan_at_7(len: usize) -> Vec<f32> {
     let mut gradient = vec![0.0; len];
     gradient[7] = f32::NAN;
@@ -579,7 +582,7 @@ fn rogue_clients_with_short_or_oversized_gradients_are_evicted() -> anyhow::Resu
     let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
     let log = &cluster.coordinator.log;
     let runtime = tokio::runtime::Runtime::new()?;
-    let cases: [(&str, fn(usize) -> Vec<f32>, &str); 2] = [
+    let cases: [(&str, Poison, &str); 2] = [
         ("one float short", |len| vec![0.0; len - 1], "parameters"),
         (
             "over the message limit",

@@ -39,6 +39,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 /// The whole worker program for `config`: what the `worker` binary and
 /// `coordinator worker` run.
 pub fn main_with(config: Config) -> ExitCode {
+    common::allocator::keep_freed_memory();
     if let Some(threads) = config.threads {
         // candle's CPU kernels size their thread pools from this variable. Set before any
         // other thread exists, which is what makes `set_var` sound here.

@@ -1,0 +1,330 @@
+//! Single-process throughput of the five models on the CPU, on real MNIST at batch 64: what one
+//! worker computes per training step (a gradient and an SGD step on the flat parameters) and per
+//! evaluation chunk of 1000 test images, at 1 and 2 threads.
+//!
+//! `cargo bench -p common --bench models [-- MODEL...]` prints a markdown table and writes
+//! `target/bench/models.json`; `scripts/pytorch_models.py` measures the same in PyTorch.
+//!
+//! candle sizes its CPU thread pools from `RAYON_NUM_THREADS` once per process, so each
+//! (model, thread count) runs in a child process: this binary again, with [`CHILD_ENV`] naming
+//! the model, answering with one JSON line on stdout.
+
+use candle_core::Device;
+use common::dataset::Dataset;
+use common::fetch::{default_data_dir, ensure_mnist};
+use common::model::ModelKind;
+use common::optim::{Optimizer, OptimizerConfig};
+use common::replica::Replica;
+use common::sharding::EpochPlan;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Set in a child process to the model it measures.
+const CHILD_ENV: &str = "LOCKSTEP_BENCH_MODEL";
+/// The thread counts measured, each in its own process.
+const THREADS: [usize; 2] = [1, 2];
+/// A worker's batch in the tutorials' single-worker setting.
+const BATCH: usize = 64;
+/// Images per evaluation pass, as the worker's executor evaluates.
+const EVAL_CHUNK: usize = 1000;
+const WARMUP_BATCHES: usize = 3;
+const MIN_TRAIN_BATCHES: usize = 30;
+const MIN_TRAIN_TIME: Duration = Duration::from_secs(2);
+const WARMUP_EVAL_CHUNKS: usize = 1;
+const MIN_EVAL_CHUNKS: usize = 3;
+const MIN_EVAL_TIME: Duration = Duration::from_secs(1);
+const LEARNING_RATE: f32 = 0.01;
+
+/// What a child process measured for one model at one thread count.
+#[derive(Debug, Serialize, Deserialize)]
+struct Measurement {
+    model: String,
+    /// `RAYON_NUM_THREADS` as set for the child.
+    threads: usize,
+    /// The thread count candle's CPU kernels actually use.
+    candle_threads: usize,
+    train_batches: usize,
+    train_seconds: f64,
+    train_images_per_s: f64,
+    ms_per_train_batch: f64,
+    /// Of `ms_per_train_batch`, the time in the optimiser step.
+    ms_per_sgd_step: f64,
+    /// Mean loss of the first and last measured batches: the steps really train.
+    first_loss: f64,
+    last_loss: f64,
+    eval_images: usize,
+    eval_seconds: f64,
+    eval_images_per_s: f64,
+}
+
+/// A measurement with the figures derived from the model's arithmetic.
+#[derive(Debug, Serialize)]
+struct Row {
+    #[serde(flatten)]
+    measurement: Measurement,
+    /// Floating-point operations of the dense layers and convolutions per training image.
+    train_mflop_per_image: f64,
+    train_gflop_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    cpu: String,
+    cores: usize,
+    load_average: String,
+    batch: usize,
+    eval_chunk: usize,
+    results: Vec<Row>,
+}
+
+fn main() -> Result<()> {
+    match std::env::var(CHILD_ENV) {
+        Ok(model) => {
+            let measurement = measure(model.parse()?)?;
+            println!("{}", serde_json::to_string(&measurement)?);
+            Ok(())
+        }
+        Err(_) => run_all(),
+    }
+}
+
+/// Measures every model named on the command line (all when none is) at each thread count.
+fn run_all() -> Result<()> {
+    // Cargo passes `--bench`; anything else that is not a flag is a model name.
+    let models: Vec<ModelKind> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .map(|arg| arg.parse())
+        .collect::<std::result::Result<_, _>>()?;
+    let models = if models.is_empty() {
+        ModelKind::ALL.to_vec()
+    } else {
+        models
+    };
+    let data_dir = default_data_dir();
+    ensure_mnist(&data_dir)?;
+
+    let cpu = cpu_model();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    let started = Instant::now();
+    let mut results = Vec::new();
+    for &kind in &models {
+        for threads in THREADS {
+            let measurement = run_child(kind, threads, &data_dir)?;
+            eprintln!(
+                "{kind} at {threads} thread(s): {:.0} train images/s, {:.0} eval images/s",
+                measurement.train_images_per_s, measurement.eval_images_per_s
+            );
+            let train_mflop_per_image = train_flops_per_image(kind) / 1e6;
+            results.push(Row {
+                train_gflop_per_s: train_mflop_per_image * measurement.train_images_per_s / 1e3,
+                train_mflop_per_image,
+                measurement,
+            });
+        }
+    }
+    let report = Report {
+        cpu,
+        cores,
+        load_average,
+        batch: BATCH,
+        eval_chunk: EVAL_CHUNK,
+        results,
+    };
+    print_table(&report);
+    let path = write_report(&report)?;
+    eprintln!(
+        "took {:.0} s; wrote {}",
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn run_child(kind: ModelKind, threads: usize, data_dir: &Path) -> Result<Measurement> {
+    let output = Command::new(std::env::current_exe()?)
+        .env(CHILD_ENV, kind.name())
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        // candle's barrier pool prefers this one over RAYON_NUM_THREADS.
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .env("LOCKSTEP_DATA_DIR", data_dir)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("measuring {kind} at {threads} thread(s): {}", output.status).into());
+    }
+    let stdout = String::from_utf8(output.stdout)?;
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|line| line.starts_with('{'))
+        .ok_or_else(|| format!("measuring {kind}: no JSON line in {stdout:?}"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// In a child: trains `kind` from seeded parameters over a seeded epoch order, then evaluates.
+fn measure(kind: ModelKind) -> Result<Measurement> {
+    // What a worker process does at start-up (unless LOCKSTEP_BENCH_GLIBC_DEFAULTS is set,
+    // to see the difference).
+    if std::env::var_os("LOCKSTEP_BENCH_GLIBC_DEFAULTS").is_none() {
+        common::allocator::keep_freed_memory();
+    }
+    let threads = std::env::var("RAYON_NUM_THREADS")?.parse()?;
+    let device = Device::Cpu;
+    let dataset = Dataset::load(&default_data_dir())?;
+    let mut replica = Replica::new(kind, &device)?;
+    let mut params = replica.params().init_flat(0);
+    let mut optimizer = Optimizer::new(OptimizerConfig::default(), params.len());
+    let plan = EpochPlan::new(0, 0, dataset.train.len(), BATCH);
+
+    let mut sgd = Duration::ZERO;
+    let mut losses = Vec::new();
+    let mut step = 0;
+    let mut measured_from = Instant::now();
+    loop {
+        if step == WARMUP_BATCHES {
+            measured_from = Instant::now();
+            sgd = Duration::ZERO;
+        }
+        let measured = step.saturating_sub(WARMUP_BATCHES);
+        if measured >= MIN_TRAIN_BATCHES && measured_from.elapsed() >= MIN_TRAIN_TIME {
+            break;
+        }
+        let (images, labels) = dataset
+            .train
+            .batch(plan.batch(step % plan.steps()), &device)?;
+        let out = replica.gradient(&params, &images, &labels, step as u64)?;
+        let sgd_from = Instant::now();
+        optimizer.step(&mut params, &out.gradient, LEARNING_RATE)?;
+        sgd += sgd_from.elapsed();
+        losses.push(out.loss_sum / out.count as f64);
+        step += 1;
+    }
+    let train_seconds = measured_from.elapsed().as_secs_f64();
+    let train_batches = step - WARMUP_BATCHES;
+    let (first_loss, last_loss) = (losses[WARMUP_BATCHES], losses[losses.len() - 1]);
+    if !last_loss.is_finite() {
+        return Err(format!("{kind} diverged: loss {last_loss}").into());
+    }
+
+    let test = &dataset.test;
+    let chunks = test.len() / EVAL_CHUNK;
+    let mut chunk = 0;
+    let mut measured_from = Instant::now();
+    loop {
+        if chunk == WARMUP_EVAL_CHUNKS {
+            measured_from = Instant::now();
+        }
+        let measured = chunk.saturating_sub(WARMUP_EVAL_CHUNKS);
+        if measured >= MIN_EVAL_CHUNKS && measured_from.elapsed() >= MIN_EVAL_TIME {
+            break;
+        }
+        let start = (chunk % chunks) * EVAL_CHUNK;
+        let (images, labels) = test.range_batch(start..start + EVAL_CHUNK, &device)?;
+        replica.evaluate(&params, &images, &labels)?;
+        chunk += 1;
+    }
+    let eval_seconds = measured_from.elapsed().as_secs_f64();
+    let eval_images = (chunk - WARMUP_EVAL_CHUNKS) * EVAL_CHUNK;
+
+    let train_images = (train_batches * BATCH) as f64;
+    Ok(Measurement {
+        model: kind.name().to_string(),
+        threads,
+        candle_threads: candle_core::utils::get_num_threads(),
+        train_batches,
+        train_seconds,
+        train_images_per_s: train_images / train_seconds,
+        ms_per_train_batch: 1e3 * train_seconds / train_batches as f64,
+        ms_per_sgd_step: 1e3 * sgd.as_secs_f64() / train_batches as f64,
+        first_loss,
+        last_loss,
+        eval_images,
+        eval_seconds,
+        eval_images_per_s: eval_images as f64 / eval_seconds,
+    })
+}
+
+/// Floating-point operations per training image in the dense layers and convolutions (2 per
+/// multiply-add), three passes' worth: forward, gradient of the input, gradient of the weights.
+/// Activations, pooling, the loss and the optimiser are left out; they are a few percent.
+fn train_flops_per_image(kind: ModelKind) -> f64 {
+    let dense = |inputs: u64, outputs: u64| inputs * outputs;
+    // `side` is the output's side: stride 1, no padding.
+    let conv = |inputs: u64, outputs: u64, kernel: u64, side: u64| {
+        inputs * outputs * kernel * kernel * side * side
+    };
+    let multiply_adds = match kind {
+        ModelKind::Softmax => dense(784, 10),
+        ModelKind::Mlp => dense(784, 128) + dense(128, 64) + dense(64, 10),
+        ModelKind::MlpDropout => dense(784, 512) + dense(512, 256) + dense(256, 10),
+        ModelKind::Lenet => {
+            conv(1, 20, 5, 24) + conv(20, 50, 5, 8) + dense(50 * 4 * 4, 500) + dense(500, 10)
+        }
+        ModelKind::Cnn => {
+            conv(1, 32, 3, 26)
+                + conv(32, 64, 3, 11)
+                + conv(64, 64, 3, 3)
+                + dense(64 * 3 * 3, 128)
+                + dense(128, 10)
+        }
+    };
+    (3 * 2 * multiply_adds) as f64
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "candle on the CPU, batch {}, evaluation in chunks of {}; {} ({} cores available, load average {})",
+        report.batch, report.eval_chunk, report.cpu, report.cores, report.load_average
+    );
+    println!();
+    println!(
+        "| model | threads | train images/s | eval images/s | ms per training batch | train MFLOP/image | train GFLOP/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for row in &report.results {
+        let m = &row.measurement;
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} |",
+            m.model,
+            m.threads,
+            m.train_images_per_s,
+            m.eval_images_per_s,
+            m.ms_per_train_batch,
+            row.train_mflop_per_image,
+            row.train_gflop_per_s
+        );
+    }
+}
+
+/// Writes `target/bench/models.json` under a temporary name first, so that it appears whole.
+fn write_report(report: &Report) -> Result<PathBuf> {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .ok_or("CARGO_TARGET_TMPDIR has no parent")?;
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("models.json");
+    let partial = dir.join(".models.json.partial");
+    std::fs::write(&partial, serde_json::to_string_pretty(report)? + "\n")?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
+}

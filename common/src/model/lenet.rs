@@ -1,4 +1,4 @@
-use super::{Conv2d, conv2d, max_pool_2x2};
+use super::{Conv2d, conv2d, max_pool_2x2, tanh::tanh};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
@@ -27,9 +27,9 @@ impl Lenet {
 
 impl Module for Lenet {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = max_pool_2x2(&self.conv1.forward(xs)?.tanh()?)?;
-        let xs = max_pool_2x2(&self.conv2.forward(&xs)?.tanh()?)?;
-        let xs = self.fc1.forward(&xs.flatten_from(1)?)?.tanh()?;
+        let xs = max_pool_2x2(&tanh(&self.conv1.forward(xs)?)?)?;
+        let xs = max_pool_2x2(&tanh(&self.conv2.forward(&xs)?)?)?;
+        let xs = tanh(&self.fc1.forward(&xs.flatten_from(1)?)?)?;
         self.fc2.forward(&xs)
     }
 }

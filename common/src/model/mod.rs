@@ -1,9 +1,9 @@
 //! The networks of the tutorials, built from a `VarBuilder`.
 //!
 //! Each network is a plain function of its variables: no device, optimiser or network code.
-//! Convolution, pooling and dropout have local implementations ([`Conv2d`],
-//! [`max_pool_2x2`], [`SeededDropout`]) because candle's own are too slow to train with, wrong
-//! in the backward pass, or unseeded, in that order.
+//! Convolution, pooling, tanh and dropout have local implementations ([`Conv2d`],
+//! [`max_pool_2x2`], `tanh::tanh`, [`SeededDropout`]) because candle's own are too slow to
+//! train with, wrong in the backward pass, not vectorised, or unseeded, in that order.
 
 mod cnn;
 mod conv;
@@ -15,6 +15,7 @@ mod mlp_dropout;
 mod network;
 mod pool;
 mod softmax;
+mod tanh;
 
 pub use cnn::Cnn;
 pub use conv::{Conv2d, conv2d};

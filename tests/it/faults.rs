@@ -120,6 +120,22 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
     read(a) == read(b)
 }
 
+/// The coordinator's `admitted at step` line for worker `id`, at or after line `from`.
+fn wait_admitted(log: &Log, from: usize, id: &str) -> Line {
+    log.wait_for_line(
+        from,
+        &format!("admitted at step ... worker={id}"),
+        |line| line.contains("admitted at step") && field(line, "worker") == Some(id),
+        WAIT,
+    )
+}
+
+/// Asserts that worker `id` is among the epochs' `workers_joined`.
+fn assert_joined(records: &[Value], id: &str) {
+    let joined = entries(records, "workers_joined");
+    assert!(joined.iter().any(|j| j["worker"] == id), "{joined:?}");
+}
+
 /// The coordinator's `lost at step` line for worker `id`.
 fn lost_line(log: &Log, id: &str) -> Line {
     log.wait_for(&format!("worker {id} lost at step"))
@@ -259,11 +275,7 @@ fn stopped_worker_is_evicted_as_silent_and_rejoins_when_continued() -> anyhow::R
         reason.contains("silent") || reason.contains("straggler"),
         "{reason}"
     );
-    let joined = entries(&records, "workers_joined");
-    assert!(
-        joined.iter().any(|j| j["worker"] == new_id.as_str()),
-        "{joined:?}"
-    );
+    assert_joined(&records, &new_id);
     Ok(())
 }
 
@@ -306,23 +318,14 @@ fn killed_worker_replaced_by_a_new_process_joins_at_a_step_boundary() -> anyhow:
     let started = Instant::now();
     let replacement = procs.worker("worker#1 (restarted)", &cluster.url, &[]);
     let new_id = cluster.worker_id(&replacement);
-    let admitted = log.wait_for_line(
-        lost.index,
-        &format!("admitted at step ... worker={new_id}"),
-        |line| line.contains("admitted at step") && field(line, "worker") == Some(&new_id),
-        WAIT,
-    );
+    let admitted = wait_admitted(log, lost.index, &new_id);
     seconds("restart to admission", started, admitted.at);
     seconds("fault to full strength", killed, admitted.at);
 
     info!("--- the job finishes with 4 workers");
     let records = check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
     assert_lost(&records, &[&id]);
-    let joined = entries(&records, "workers_joined");
-    assert!(
-        joined.iter().any(|j| j["worker"] == new_id.as_str()),
-        "{joined:?}"
-    );
+    assert_joined(&records, &new_id);
     assert_eq!(records.last().unwrap()["workers"], 4);
     Ok(())
 }
@@ -552,11 +555,7 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
     let records = check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
     let lost = assert_lost(&records, &[&id]);
     assert!(lost[0]["reason"].as_str().unwrap().contains("NaN"));
-    let joined = entries(&records, "workers_joined");
-    assert!(
-        joined.iter().any(|j| j["worker"] == id.as_str()),
-        "{joined:?}"
-    );
+    assert_joined(&records, &id);
     Ok(())
 }
 
@@ -797,22 +796,13 @@ fn spawned_worker_sigkilled_is_restarted_by_the_coordinator() -> anyhow::Result<
     let respawned = log.wait_for_after(&spawned, "spawned worker process index=1 ");
     let new_pid: u32 = field(&respawned.text, "pid").expect("pid field").parse()?;
     let new_id = worker_id(log, respawned.index, new_pid);
-    let admitted = log.wait_for_line(
-        respawned.index,
-        &format!("admitted at step ... worker={new_id}"),
-        |line| line.contains("admitted at step") && field(line, "worker") == Some(&new_id),
-        WAIT,
-    );
+    let admitted = wait_admitted(log, respawned.index, &new_id);
     seconds("fault to full strength", killed, admitted.at);
 
     info!("--- the job finishes with 3 workers");
     let records = check_job(&mut procs, &coordinator, &run_dir, &job);
     assert_lost(&records, &[&id]);
-    let joined = entries(&records, "workers_joined");
-    assert!(
-        joined.iter().any(|j| j["worker"] == new_id.as_str()),
-        "{joined:?}"
-    );
+    assert_joined(&records, &new_id);
     assert_eq!(records.last().unwrap()["workers"], 3);
     Ok(())
 }

@@ -27,7 +27,6 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    Code,
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
@@ -59,14 +58,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             device: config.device.clone(),
             dataset_digest: local_digest.clone(),
         };
-        let reply = match client.register(request).await {
+        let reply = match client.register(request).await.map_err(Error::from) {
             Ok(reply) => reply.into_inner(),
-            Err(status) if retryable(&status) => {
-                warn!("registration failed ({}); retrying", status.message());
+            Err(e) if e.is_retryable() => {
+                warn!("registration failed ({e}); retrying");
                 pause(&shutdown).await;
                 continue;
             }
-            Err(status) => return Err(Error::Refused(status.message().to_string())),
+            Err(e) => return Err(e),
         };
         let worker = WorkerId(reply.worker_id);
         let job = reply
@@ -383,15 +382,6 @@ async fn pause(shutdown: &CancellationToken) {
         () = tokio::time::sleep(Duration::from_millis(200)) => {}
         () = shutdown.cancelled() => {}
     }
-}
-
-/// Whether a failed call may succeed when repeated: the coordinator is restarting or the
-/// connection broke, as opposed to a refusal.
-fn retryable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal
-    )
 }
 
 /// The dataset in `dir`, or `None` when the directory lacks the files.

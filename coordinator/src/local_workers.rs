@@ -113,16 +113,25 @@ impl LocalWorkers {
     /// Gives the workers `grace` to exit by themselves (they were told to shut down), then
     /// kills those still running.
     pub async fn shutdown(self, grace: Duration) {
-        let mut watchers = self.watchers;
-        let all_exited = async {
-            for watcher in &mut watchers {
-                let _ = watcher.await;
+        let deadline = tokio::time::Instant::now() + grace;
+        // A handle is awaited again only if it had not finished: polling a finished
+        // `JoinHandle` a second time panics.
+        let mut running = Vec::new();
+        for mut watcher in self.watchers {
+            if tokio::time::timeout_at(deadline, &mut watcher)
+                .await
+                .is_err()
+            {
+                running.push(watcher);
             }
-        };
-        if tokio::time::timeout(grace, all_exited).await.is_err() {
-            warn!("worker processes still running after {grace:?}: killing them");
+        }
+        if !running.is_empty() {
+            warn!(
+                "{} worker processes still running after {grace:?}: killing them",
+                running.len()
+            );
             self.kill.cancel();
-            for watcher in watchers {
+            for watcher in running {
                 let _ = watcher.await;
             }
         }

@@ -151,7 +151,8 @@ impl Membership {
     }
 }
 
-fn shutdown_message(reason: &str) -> CoordinatorMessage {
+/// The message that tells a worker to leave for good.
+pub fn shutdown_message(reason: &str) -> CoordinatorMessage {
     CoordinatorMessage {
         kind: Some(Kind::Shutdown(Shutdown {
             reason: reason.to_string(),

@@ -1,7 +1,10 @@
 //! The gRPC face of the coordinator: registration, worker sessions and dataset transfer.
 //! Protobuf types stop here; the training loop sees [`Event`]s.
 
-use crate::event::{Event, Report};
+use crate::{
+    event::{Event, Report},
+    membership::shutdown_message,
+};
 use common::{dataset::dataset_files, ids::WorkerId};
 use proto::v1::{
     DatasetChunk, FetchDatasetRequest, JobSpec, RegisterReply, RegisterRequest, WorkerMessage,
@@ -17,7 +20,10 @@ use std::{
     },
     time::Duration,
 };
-use tokio::{io::AsyncReadExt, sync::mpsc};
+use tokio::{
+    io::AsyncReadExt,
+    sync::mpsc::{self, error::SendError},
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -129,7 +135,15 @@ impl Coordinator for CoordinatorService {
         let (outbox, outbound) = mpsc::channel(4);
         let events = self.events.clone();
         let in_session = Arc::clone(&self.in_session);
-        let _ = events.send(Event::Joined { worker, outbox });
+        if let Err(SendError(Event::Joined { outbox, .. })) =
+            events.send(Event::Joined { worker, outbox })
+        {
+            // The training loop has ended: a worker that arrives now is told to leave
+            // rather than left to register again and again.
+            in_session.lock().expect("poisoned").remove(&worker);
+            let _ = outbox.try_send(Ok(shutdown_message("the job has ended")));
+            return Ok(Response::new(ReceiverStream::new(outbound)));
+        }
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
@@ -270,4 +284,63 @@ fn duplicate_report() -> bool {
 
 fn short(digest: &str) -> &str {
     &digest[..digest.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::v1::{
+        Hello, coordinator_client::CoordinatorClient, coordinator_message::Kind as Command,
+        coordinator_server::CoordinatorServer,
+    };
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    /// A worker that arrives after the training loop has ended is told to leave in its
+    /// session, instead of seeing the session close and registering again forever.
+    #[tokio::test]
+    async fn a_session_opened_after_the_job_ended_is_told_to_leave() {
+        let (events, loop_side) = mpsc::unbounded_channel();
+        drop(loop_side);
+        let service = CoordinatorService::new(
+            JobSpec::default(),
+            PathBuf::new(),
+            events,
+            1,
+            Duration::from_secs(1),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CoordinatorServer::new(service))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let reply = client
+            .register(RegisterRequest {
+                protocol_version: proto::PROTOCOL_VERSION,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let hello = WorkerMessage {
+            kind: Some(Kind::Hello(Hello {
+                worker_id: reply.worker_id,
+            })),
+        };
+        let mut session = client
+            .session(tokio_stream::iter([hello]))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = session.message().await.unwrap().and_then(|m| m.kind);
+        match first {
+            Some(Command::Shutdown(shutdown)) => assert_eq!(shutdown.reason, "the job has ended"),
+            other => panic!("expected a shutdown, got {other:?}"),
+        }
+        assert!(session.message().await.unwrap().is_none());
+    }
 }

@@ -12,7 +12,7 @@ use crate::{
     Error, Result,
     averaging::{Averaging, Contribution},
     event::{Event, Report},
-    membership::{Arrival, Membership},
+    membership::{Arrival, Membership, shutdown_message},
     metrics::{Departure, EpochRecord, JoinRecord},
     progress::EpochProgress,
     resume::{Resume, ResumeState},
@@ -187,6 +187,15 @@ impl Trainer {
             Err(e) => format!("job stopped: {e}"),
         };
         self.membership.dismiss_all(&reason);
+        // Sessions opened from now on are told at once that the job is over (the service
+        // sees the queue closed); those whose arrival is still queued are told here, so no
+        // worker is left re-registering with a coordinator that will never admit it.
+        self.events.close();
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::Joined { outbox, .. } = event {
+                let _ = outbox.try_send(Ok(shutdown_message(&reason)));
+            }
+        }
         outcome
     }
 

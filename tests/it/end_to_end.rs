@@ -178,6 +178,10 @@ fn sigterm_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
     );
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(log.contains("interrupted"), "{log}");
+    // `log` holds what came after the SIGTERM. Dismissed workers leave by themselves: none
+    // registers again, none has to be killed.
+    assert!(!log.contains("worker registered"), "{log}");
+    assert!(!log.contains("killing them"), "{log}");
     for pid in worker_pids {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),

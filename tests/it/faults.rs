@@ -264,7 +264,14 @@ fn stopped_worker_is_evicted_as_silent_and_rejoins_when_continued() -> anyhow::R
         "the continued process is the one admitted: {}",
         admitted.text
     );
-    victim.log.wait_for("registering again");
+    // The worker reads why its session ended, even when it finds the session closed while
+    // sending the answer it was computing when stopped.
+    let again = victim.log.wait_for("registering again");
+    assert!(
+        again.text.contains("evicted by the coordinator"),
+        "{}",
+        again.text
+    );
     assert!(procs.is_running(&victim));
 
     info!("--- the job finishes");

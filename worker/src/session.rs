@@ -27,6 +27,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
+    Streaming,
     service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
@@ -191,7 +192,7 @@ impl Session<'_> {
             match answer {
                 Ok(kind) => {
                     if outbox.send(message(kind)).await.is_err() {
-                        return Err(Error::CoordinatorLost("the session closed".into()));
+                        return last_word(&mut inbound).await;
                     }
                 }
                 Err(e) => {
@@ -203,6 +204,35 @@ impl Session<'_> {
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// How long a worker whose answer could not be sent looks for the coordinator's last message.
+const LAST_WORD_WAIT: Duration = Duration::from_secs(1);
+
+/// The session closed while this worker was computing. When the coordinator ends a session
+/// (a dismissal, an eviction) HTTP/2 closes the worker's side as well, so the answer cannot
+/// be sent, yet the reason may still be waiting unread: act on it rather than take the
+/// close for a lost coordinator.
+async fn last_word(inbound: &mut Streaming<CoordinatorMessage>) -> Result<()> {
+    let lost = || Error::CoordinatorLost("the session closed".into());
+    loop {
+        let next = tokio::time::timeout(LAST_WORD_WAIT, inbound.message()).await;
+        let Ok(Ok(Some(CoordinatorMessage {
+            kind: Some(command),
+        }))) = next
+        else {
+            return Err(lost());
+        };
+        match command {
+            Command::Shutdown(shutdown) => {
+                info!(reason = %shutdown.reason, "dismissed by the coordinator");
+                return Ok(());
+            }
+            Command::Evicted(evicted) => return Err(Error::Evicted(evicted.reason)),
+            // A request queued before the end: it will not be answered.
+            _ => continue,
         }
     }
 }

@@ -7,12 +7,14 @@
 
 mod cnn;
 mod conv;
+mod conv_op;
 mod dropout;
 mod kind;
 mod lenet;
 mod mlp;
 mod mlp_dropout;
 mod network;
+mod parallel;
 mod pool;
 mod softmax;
 mod tanh;

@@ -16,6 +16,7 @@ mod mlp_dropout;
 mod network;
 mod parallel;
 mod pool;
+mod relu;
 mod softmax;
 mod tanh;
 

@@ -1,7 +1,6 @@
-use super::parallel::{collect_chunks, for_each_chunk, worth_splitting};
+use super::parallel::{collect_chunks, for_each_chunk, for_each_task};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType, bail};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// `conv2d(x, weight) + bias` for `x` `(n, c, h, w)`, `weight` `(o, c, k, k)` and `bias` `(o)`,
@@ -291,7 +290,7 @@ fn backward<T: WithDType>(
     let mut xs_grad_chunks: Vec<&mut [MaybeUninit<T>]> =
         xs_grad.chunks_mut(GROUP * image_len).collect();
     xs_grad_chunks.resize_with(groups, Default::default);
-    let task = |(group, (partial, xs_grad)): (usize, (&mut [T], &mut [MaybeUninit<T>]))| {
+    let task = |group: usize, (partial, xs_grad): (&mut [T], &mut [MaybeUninit<T>])| {
         let xs_grad = zeroed(xs_grad);
         let mut cols = vec![T::one(); (patch + 1) * pixels];
         let mut cols_grad = vec![T::zero(); if input_grad { patch * pixels } else { 0 }];
@@ -324,16 +323,11 @@ fn backward<T: WithDType>(
             }
         }
     };
-    let tasks: Vec<_> = partials
+    let tasks = partials
         .chunks_mut(partial_len)
         .zip(xs_grad_chunks)
-        .enumerate()
         .collect();
-    if worth_splitting(3 * g.work()) {
-        tasks.into_par_iter().for_each(task);
-    } else {
-        tasks.into_iter().for_each(task);
-    }
+    for_each_task(tasks, 3 * g.work(), task);
 
     // Each element of the weight and bias gradients sums its groups' partial sums in group
     // order. Element `i` of `[weight (o, patch), bias (o)]` is column `i % patch` of row
@@ -457,6 +451,7 @@ fn matmul<T: WithDType>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::parallel::worth_splitting;
     use super::*;
     use crate::seed::derive_rng;
     use candle_core::{DType, Device, Var};

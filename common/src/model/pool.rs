@@ -431,8 +431,8 @@ mod tests {
     /// `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456`.
     ///
     /// Times are the CPU time of the test's thread, not wall time: on a shared 2-core machine
-    /// wall times swing several-fold with other processes, and none of the ops timed here
-    /// spreads work over threads.
+    /// wall times swing several-fold with other processes. Run it with `RAYON_NUM_THREADS=1`:
+    /// on more threads the pool spreads over the rayon pool, whose threads this clock misses.
     #[test]
     #[ignore = "timing, not a check"]
     fn time_forward_and_backward() {

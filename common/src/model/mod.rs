@@ -7,13 +7,16 @@
 
 mod cnn;
 mod conv;
+mod conv_op;
 mod dropout;
 mod kind;
 mod lenet;
 mod mlp;
 mod mlp_dropout;
 mod network;
+mod parallel;
 mod pool;
+mod relu;
 mod softmax;
 mod tanh;
 

@@ -197,4 +197,113 @@ mod tests {
     fn cnn_gradient_matches_finite_differences() {
         check_gradient_against_finite_differences(ModelKind::Cnn);
     }
+
+    /// `RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=2 cargo test --release -p common time_ops --
+    /// --ignored --nocapture` (and again with 1): wall time of each layer of a LeNet and a CNN
+    /// training step at batch 64, forward alone and forward plus backward (as candle runs it:
+    /// the op's backward and adding its gradients into the store), median and fastest of 50.
+    /// The backward column subtracts what the probe `sum(y * p)` costs on its own. Wall time,
+    /// because the ops spread over threads: on a shared machine, trust the fastest column.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn time_ops_of_a_training_step() {
+        use super::super::{conv::conv2d, pool::max_pool_2x2, relu::relu, tanh::tanh};
+        use candle_core::Var;
+        use std::time::Instant;
+
+        crate::allocator::keep_freed_memory();
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        type Op = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
+        let conv = |i, o, k, name: &str| -> Op {
+            let layer = conv2d(i, o, k, vb.pp(name)).unwrap();
+            Box::new(move |xs| layer.forward(xs))
+        };
+        let linear = |i, o, name: &str| -> Op {
+            let layer = candle_nn::linear(i, o, vb.pp(name)).unwrap();
+            Box::new(move |xs| layer.forward(xs))
+        };
+        let labels = Tensor::from_vec((0..64u32).map(|i| i % 10).collect(), 64, &dev).unwrap();
+        let ops: Vec<(&str, &[usize], Op)> = vec![
+            ("lenet conv1", &[64, 1, 28, 28], conv(1, 20, 5, "l1")),
+            ("lenet tanh1", &[64, 20, 24, 24], Box::new(tanh)),
+            ("lenet pool1", &[64, 20, 24, 24], Box::new(max_pool_2x2)),
+            ("lenet conv2", &[64, 20, 12, 12], conv(20, 50, 5, "l2")),
+            ("lenet tanh2", &[64, 50, 8, 8], Box::new(tanh)),
+            ("lenet pool2", &[64, 50, 8, 8], Box::new(max_pool_2x2)),
+            ("lenet fc1", &[64, 800], linear(800, 500, "l3")),
+            ("lenet tanh3", &[64, 500], Box::new(tanh)),
+            ("lenet fc2", &[64, 500], linear(500, 10, "l4")),
+            (
+                "cross-entropy",
+                &[64, 10],
+                Box::new(move |xs| {
+                    candle_nn::loss::cross_entropy(xs, &labels)?.broadcast_as((1, 1))
+                }),
+            ),
+            ("cnn conv1", &[64, 1, 28, 28], conv(1, 32, 3, "c1")),
+            ("cnn pool1", &[64, 32, 26, 26], Box::new(max_pool_2x2)),
+            ("cnn relu1", &[64, 32, 13, 13], Box::new(relu)),
+            ("cnn conv2", &[64, 32, 13, 13], conv(32, 64, 3, "c2")),
+            ("cnn pool2", &[64, 64, 11, 11], Box::new(max_pool_2x2)),
+            ("cnn relu2", &[64, 64, 5, 5], Box::new(relu)),
+            ("cnn conv3", &[64, 64, 5, 5], conv(64, 64, 3, "c3")),
+            ("cnn relu3", &[64, 64, 3, 3], Box::new(relu)),
+            ("cnn fc1", &[64, 576], linear(576, 128, "c4")),
+            ("cnn relu4", &[64, 128], Box::new(relu)),
+            ("cnn fc2", &[64, 128], linear(128, 10, "c5")),
+        ];
+        let median_and_min = |f: &dyn Fn()| {
+            f();
+            let mut ms: Vec<f64> = (0..50)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    start.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            (ms[25], ms[0])
+        };
+        println!("threads {}", rayon::current_num_threads());
+        for (name, shape, op) in &ops {
+            // The first layer's input is the data; the others' are activations with gradients.
+            let xs = Tensor::randn(0f32, 1., *shape, &dev).unwrap();
+            let xs = if shape[1] == 1 {
+                xs
+            } else {
+                Var::from_tensor(&xs).unwrap().as_tensor().clone()
+            };
+            let ys = op(&xs).unwrap();
+            let probe = Tensor::randn(0f32, 1., ys.shape(), &dev).unwrap();
+            let ys = Var::from_tensor(&ys).unwrap();
+            let forward = median_and_min(&|| {
+                op(&xs).unwrap();
+            });
+            let both = median_and_min(&|| {
+                (op(&xs).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            });
+            let probe_only = median_and_min(&|| {
+                (ys.as_tensor() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+            });
+            println!(
+                "{name:>14}: forward {:6.3} ms (fastest {:6.3}), backward {:6.3} ms (fastest {:6.3})",
+                forward.0,
+                forward.1,
+                both.0 - forward.0 - probe_only.0,
+                both.1 - forward.1 - probe_only.1,
+            );
+        }
+    }
 }

@@ -1,7 +1,9 @@
+use super::parallel::collect_chunks;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
 };
+use std::mem::MaybeUninit;
 
 /// Max pooling over 2x2 windows with stride 2, flooring odd sizes as Keras and PyTorch do.
 ///
@@ -141,60 +143,72 @@ fn is_nan<T: WithDType>(x: T) -> bool {
     x.partial_cmp(&x).is_none()
 }
 
-/// Calls `f(top, bottom, out)` for every output row: the offsets of the two input rows its
-/// windows cover and its own.
-fn for_each_row_pair(dims: Dims, mut f: impl FnMut(usize, usize, usize)) {
-    let (n, c, h, w) = dims;
-    let (oh, ow) = (h / 2, w / 2);
-    for plane in 0..n * c {
-        for y in 0..oh {
-            let top = (plane * h + 2 * y) * w;
-            f(top, top + w, (plane * oh + y) * ow);
-        }
-    }
+/// Planes per task: 16 tasks whatever the batch, enough to balance two threads. Each plane is
+/// computed alone, so the split cannot change a value.
+fn planes_per_task(dims: Dims) -> usize {
+    (dims.0 * dims.1).div_ceil(16)
 }
 
 fn forward<T: WithDType>(xs: &[T], dims: Dims) -> Vec<T> {
-    let (n, c, h, w) = dims;
-    let ow = w / 2;
-    let mut ys = vec![T::zero(); n * c * (h / 2) * ow];
-    for_each_row_pair(dims, |top, bottom, out| {
-        // Slices of exactly the lengths the loop reads, so that it runs without bounds checks.
-        let top = &xs[top..top + 2 * ow];
-        let bottom = &xs[bottom..bottom + 2 * ow];
-        let ys = &mut ys[out..out + ow];
-        for x in 0..ow {
-            let window = [top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]];
-            ys[x] = window_max(window);
+    let (_, _, h, w) = dims;
+    let (oh, ow) = (h / 2, w / 2);
+    let planes = planes_per_task(dims);
+    let task = |i: usize, ys: &mut [MaybeUninit<T>]| {
+        for (plane, ys) in ys.chunks_mut(oh * ow).enumerate() {
+            let xs = &xs[(i * planes + plane) * h * w..][..h * w];
+            for (y, ys) in ys.chunks_mut(ow).enumerate() {
+                // Slices of exactly the lengths the loop reads, so that it runs without bounds
+                // checks.
+                let top = &xs[2 * y * w..][..2 * ow];
+                let bottom = &xs[(2 * y + 1) * w..][..2 * ow];
+                for (x, out) in ys.iter_mut().enumerate() {
+                    let window = [top[2 * x], top[2 * x + 1], bottom[2 * x], bottom[2 * x + 1]];
+                    out.write(window_max(window));
+                }
+            }
         }
-    });
-    ys
+    };
+    let len = dims.0 * dims.1 * oh * ow;
+    // SAFETY: the loops write every element of every row of every plane of the chunk.
+    unsafe { collect_chunks(len, planes * oh * ow, xs.len(), task) }
 }
 
 fn backward<T: WithDType>(xs: &[T], grads: &[T], dims: Dims) -> Vec<T> {
-    let (n, c, h, w) = dims;
-    let ow = w / 2;
-    let mut dxs = vec![T::zero(); n * c * h * w];
-    for_each_row_pair(dims, |top, bottom, out| {
-        let xs_top = &xs[top..top + 2 * ow];
-        let xs_bottom = &xs[bottom..bottom + 2 * ow];
-        let grads = &grads[out..out + ow];
-        for x in 0..ow {
-            let (a, b) = (xs_top[2 * x], xs_top[2 * x + 1]);
-            let (c, d) = (xs_bottom[2 * x], xs_bottom[2 * x + 1]);
-            let max = window_max([a, b, c, d]);
-            let is_max = |v: T| v == max || is_nan(v);
-            // Row and column of the first maximal element: a (0, 0), b (0, 1), c (1, 0), and
-            // d (1, 1) when none of the others is. Computed arithmetically for one store per
-            // window: branching on the comparisons, or writing all four elements, took 3 ms
-            // rather than 0.8 ms for LeNet's first pool.
-            let (to_a, to_b, to_c) = (is_max(a), is_max(b), is_max(c));
-            let row = usize::from(!to_a & !to_b);
-            let column = usize::from(!to_a & (to_b | !to_c));
-            dxs[top + row * w + 2 * x + column] = grads[x];
+    let (_, _, h, w) = dims;
+    let (oh, ow) = (h / 2, w / 2);
+    let planes = planes_per_task(dims);
+    let task = |i: usize, dxs: &mut [MaybeUninit<T>]| {
+        dxs.fill(MaybeUninit::new(T::zero()));
+        if ow == 0 {
+            return;
         }
-    });
-    dxs
+        for (plane, dxs) in dxs.chunks_mut(h * w).enumerate() {
+            let plane = i * planes + plane;
+            let xs = &xs[plane * h * w..][..h * w];
+            let grads = &grads[plane * oh * ow..][..oh * ow];
+            for (y, grads) in grads.chunks(ow).enumerate() {
+                let top = 2 * y * w;
+                let xs_top = &xs[top..top + 2 * ow];
+                let xs_bottom = &xs[top + w..top + w + 2 * ow];
+                for (x, &grad) in grads.iter().enumerate() {
+                    let (a, b) = (xs_top[2 * x], xs_top[2 * x + 1]);
+                    let (c, d) = (xs_bottom[2 * x], xs_bottom[2 * x + 1]);
+                    let max = window_max([a, b, c, d]);
+                    let is_max = |v: T| v == max || is_nan(v);
+                    // Row and column of the first maximal element: a (0, 0), b (0, 1), c (1, 0),
+                    // and d (1, 1) when none of the others is. Computed arithmetically for one
+                    // store per window: branching on the comparisons, or writing all four
+                    // elements, took 3 ms rather than 0.8 ms for LeNet's first pool.
+                    let (to_a, to_b, to_c) = (is_max(a), is_max(b), is_max(c));
+                    let row = usize::from(!to_a & !to_b);
+                    let column = usize::from(!to_a & (to_b | !to_c));
+                    dxs[top + row * w + 2 * x + column] = MaybeUninit::new(grad);
+                }
+            }
+        }
+    };
+    // SAFETY: each task zeroes its whole chunk before scattering the gradients into it.
+    unsafe { collect_chunks(xs.len(), planes * h * w, xs.len(), task) }
 }
 
 #[cfg(test)]
@@ -417,8 +431,8 @@ mod tests {
     /// `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456`.
     ///
     /// Times are the CPU time of the test's thread, not wall time: on a shared 2-core machine
-    /// wall times swing several-fold with other processes, and none of the ops timed here
-    /// spreads work over threads.
+    /// wall times swing several-fold with other processes. Run it with `RAYON_NUM_THREADS=1`:
+    /// on more threads the pool spreads over the rayon pool, whose threads this clock misses.
     #[test]
     #[ignore = "timing, not a check"]
     fn time_forward_and_backward() {
@@ -466,6 +480,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// At LeNet's first activation, large enough to be split over two threads, values and
+    /// gradients are the same bits on one thread as on two.
+    #[test]
+    fn bit_identical_across_thread_counts() {
+        let dev = Device::Cpu;
+        let xs =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (64, 20, 24, 24), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1., max_pool_2x2(&xs).unwrap().shape(), &dev).unwrap();
+        let bits = |t: &Tensor| {
+            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                assert_eq!(
+                    super::super::parallel::worth_splitting(xs.elem_count()),
+                    threads > 1
+                );
+                let ys = max_pool_2x2(&xs).unwrap();
+                let grads = (&ys * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (bits(&ys), bits(grads.get(&xs).unwrap()))
+            })
+        };
+        let one = run(1);
+        assert!(one.1.iter().any(|&b| b != 0));
+        assert_eq!(one, run(2));
     }
 
     fn thread_cpu_ms() -> f64 {

@@ -1,5 +1,8 @@
+use super::parallel::map_ranges;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use std::mem::MaybeUninit;
+use std::ops::Range;
 
 /// The hyperbolic tangent, element by element, with candle's gradient `1 - tanh(x)^2`.
 ///
@@ -31,7 +34,9 @@ impl CustomOp1 for Tanh {
             bail!("fast-tanh: unsupported dtype {:?}", storage.dtype());
         };
         let xs = contiguous(xs, layout, "fast-tanh")?;
-        Ok((CpuStorage::F32(map(xs, tanh_f32)), layout.shape().clone()))
+        // SAFETY: `map` writes every element of its output.
+        let ys = unsafe { map_ranges(xs.len(), |range, ys| map(&xs[range], ys, tanh_f32)) };
+        Ok((CpuStorage::F32(ys), layout.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -70,11 +75,13 @@ impl CustomOp2 for TanhGrad {
         }
         let grad = contiguous(grad, grad_layout, "fast-tanh-grad")?;
         let ys = contiguous(ys, ys_layout, "fast-tanh-grad")?;
-        let dxs = grad
-            .iter()
-            .zip(ys)
-            .map(|(&g, &y)| g * (1.0 - y * y))
-            .collect();
+        let write = |range: Range<usize>, dxs: &mut [MaybeUninit<f32>]| {
+            for ((dx, &g), &y) in dxs.iter_mut().zip(&grad[range.clone()]).zip(&ys[range]) {
+                dx.write(g * (1.0 - y * y));
+            }
+        };
+        // SAFETY: the ranges are as long as their chunks, so `write` writes every element.
+        let dxs = unsafe { map_ranges(grad.len(), write) };
         Ok((CpuStorage::F32(dxs), grad_layout.shape().clone()))
     }
 }
@@ -86,36 +93,33 @@ fn contiguous<'a>(values: &'a [f32], layout: &Layout, op: &'static str) -> Resul
     }
 }
 
-/// `f` of every element, compiled a second time for AVX where the CPU has it: the baseline
-/// x86-64 target only vectorises four floats at a time. Both versions do the same operations in
-/// the same order (Rust never fuses a multiply and an add by itself), so they agree to the bit
-/// and ranks on different CPUs still compute the same values.
-fn map(xs: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
+/// Writes `f` of every element of `xs` to `ys` (of the same length), compiled a second time for
+/// AVX where the CPU has it: the baseline x86-64 target only vectorises four floats at a time.
+/// Both versions do the same operations in the same order (Rust never fuses a multiply and an
+/// add by itself), so they agree to the bit and ranks on different CPUs still compute the same
+/// values.
+fn map(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
+    assert_eq!(xs.len(), ys.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: the CPU supports AVX, checked just above.
-        return unsafe { map_avx(xs, f) };
+        return unsafe { map_avx(xs, ys, f) };
     }
-    map_portable(xs, f)
+    map_portable(xs, ys, f)
 }
 
-/// A plain loop rather than `collect`, which would stay an out-of-line call compiled without
-/// AVX; everything here inlines into [`map_avx`].
+/// A plain loop, which inlines into [`map_avx`] to be compiled for AVX there.
 #[inline(always)]
-fn map_portable(xs: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
-    let mut ys = Vec::with_capacity(xs.len());
-    for (y, &x) in ys.spare_capacity_mut().iter_mut().zip(xs) {
+fn map_portable(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
+    for (y, &x) in ys.iter_mut().zip(xs) {
         y.write(f(x));
     }
-    // SAFETY: the loop above initialised all `xs.len()` elements.
-    unsafe { ys.set_len(xs.len()) };
-    ys
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-fn map_avx(xs: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
-    map_portable(xs, f)
+fn map_avx(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
+    map_portable(xs, ys, f)
 }
 
 /// Below this magnitude `tanh(x)` is `x` to within `x^3 / 3`, a relative 5.3e-8 (less than an
@@ -277,11 +281,19 @@ mod tests {
         }
         // Odd lengths reach the scalar tail after the vector loop.
         let xs: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5_000.) * 2.1e-3).collect();
+        let mut avx = vec![MaybeUninit::new(f32::NAN); xs.len()];
         // SAFETY: the CPU supports AVX, checked above.
-        let avx = unsafe { map_avx(&xs, tanh_f32) };
-        let portable = map_portable(&xs, tanh_f32);
-        let bits = |ys: &[f32]| ys.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
+        unsafe { map_avx(&xs, &mut avx, tanh_f32) };
+        let mut portable = vec![MaybeUninit::new(f32::NAN); xs.len()];
+        map_portable(&xs, &mut portable, tanh_f32);
+        // SAFETY: both vectors were initialised with NaN and then overwritten.
+        let bits = |ys: &[MaybeUninit<f32>]| {
+            ys.iter()
+                .map(|y| unsafe { y.assume_init() }.to_bits())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(bits(&avx), bits(&portable));
+        assert!(bits(&avx).iter().all(|&b| !f32::from_bits(b).is_nan()));
     }
 
     #[test]
@@ -291,6 +303,43 @@ mod tests {
             tanh(&xs).unwrap().to_vec1::<f64>().unwrap(),
             xs.tanh().unwrap().to_vec1::<f64>().unwrap()
         );
+    }
+
+    /// At LeNet's first activation, large enough to be split over two threads, values and
+    /// gradients are the same bits on one thread as on two.
+    #[test]
+    fn bit_identical_across_thread_counts() {
+        let dev = Device::Cpu;
+        let xs =
+            Var::from_tensor(&Tensor::randn(0f32, 1., (64, 20, 24, 24), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1., tanh(&xs).unwrap().shape(), &dev).unwrap();
+        let bits = |t: &Tensor| {
+            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                assert_eq!(
+                    super::super::parallel::worth_splitting(xs.elem_count()),
+                    threads > 1
+                );
+                let ys = tanh(&xs).unwrap();
+                let grads = (&ys * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (bits(&ys), bits(grads.get(&xs).unwrap()))
+            })
+        };
+        let one = run(1);
+        assert!(one.1.iter().any(|&b| b != 0));
+        assert_eq!(one, run(2));
     }
 
     fn median_time(mut f: impl FnMut()) -> Duration {

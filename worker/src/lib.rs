@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod executor;
 mod process;
+pub mod ring;
 mod session;
 mod transfer;
 

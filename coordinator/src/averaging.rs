@@ -1,8 +1,8 @@
 //! How the gradients of a step become new parameters.
 //!
-//! This is the seam for the ways a cluster can average: today the coordinator is the
-//! parameter server; a CPU ring all-reduce and NCCL will be further variants, in which the
-//! workers average among themselves and the coordinator only orders the steps.
+//! The seam for the ways a cluster can average: the coordinator as parameter server, or the
+//! workers summing among themselves over a TCP ring (NCCL on GPUs will be another variant of
+//! the latter), with the coordinator only ordering the steps.
 
 use crate::{Error, Result};
 use common::{
@@ -28,20 +28,25 @@ pub enum Averaging {
     /// Workers send gradients to the coordinator, which averages them, applies the optimiser
     /// and sends the new parameters with the next step.
     ParameterServer(ParameterServer),
+    /// Workers sum their gradients over a ring and each applies the update to its own
+    /// replica. The coordinator keeps a copy of the replica (parameters and optimiser
+    /// buffers), refreshed from a worker when it needs one: to evaluate, to checkpoint, to
+    /// start a new ring. Its optimiser is never stepped here.
+    Ring(ParameterServer),
 }
 
 impl Averaging {
     /// The current parameters.
     pub fn parameters(&self) -> &[f32] {
         match self {
-            Averaging::ParameterServer(ps) => &ps.parameters,
+            Averaging::ParameterServer(ps) | Averaging::Ring(ps) => &ps.parameters,
         }
     }
 
     /// The optimiser's running state, for the resume checkpoint.
     pub fn optimizer_state(&self) -> OptimizerState {
         match self {
-            Averaging::ParameterServer(ps) => ps.optimizer.state(),
+            Averaging::ParameterServer(ps) | Averaging::Ring(ps) => ps.optimizer.state(),
         }
     }
 
@@ -50,6 +55,30 @@ impl Averaging {
     pub fn apply(&mut self, contributions: &[(WorkerId, Contribution)], lr: f32) -> Result<()> {
         match self {
             Averaging::ParameterServer(ps) => ps.apply(contributions, lr),
+            Averaging::Ring(_) => unreachable!("ring workers apply their own updates"),
+        }
+    }
+
+    /// Whether the workers average among themselves.
+    pub fn is_ring(&self) -> bool {
+        matches!(self, Averaging::Ring(_))
+    }
+
+    /// Replaces the model with a worker's replica (ring jobs).
+    pub fn replace(&mut self, parameters: Vec<f32>, state: OptimizerState) -> Result<()> {
+        match self {
+            Averaging::ParameterServer(ps) | Averaging::Ring(ps) => {
+                if parameters.len() != ps.parameters.len() {
+                    return Err(Error::Ring(format!(
+                        "a replica of {} parameters, the model has {}",
+                        parameters.len(),
+                        ps.parameters.len()
+                    )));
+                }
+                ps.optimizer = Optimizer::from_state(*ps.optimizer.config(), state)?;
+                ps.parameters = parameters;
+                Ok(())
+            }
         }
     }
 }

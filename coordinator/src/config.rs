@@ -25,6 +25,12 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_LISTEN")]
     pub listen: Option<SocketAddr>,
 
+    /// How gradients are averaged: `ps`, the coordinator as parameter server; `ring`, the
+    /// workers among themselves over a TCP ring (each worker's --ring-listen port must be
+    /// reachable from the others).
+    #[arg(long, env = "LOCKSTEP_ALLREDUCE", value_enum, default_value_t = AllreduceKind::Ps)]
+    pub allreduce: AllreduceKind,
+
     /// Network to train: softmax, mlp, mlp-dropout, lenet, cnn.
     #[arg(long, env = "LOCKSTEP_MODEL", default_value = "mlp")]
     pub model: ModelKind,
@@ -151,6 +157,15 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// How gradients are averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AllreduceKind {
+    /// The coordinator averages the workers' gradients and sends the new parameters.
+    Ps,
+    /// The workers sum their gradients over a TCP ring and apply the update themselves.
+    Ring,
+}
+
 /// Learning-rate decay after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LrDecay {
@@ -164,6 +179,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             workers: 4,
+            allreduce: AllreduceKind::Ps,
             external_workers: false,
             listen: None,
             model: ModelKind::Mlp,

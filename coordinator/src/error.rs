@@ -29,6 +29,11 @@ pub enum Error {
     #[error("training diverged at step {step}: {problem} (try a lower --lr)")]
     Diverged { step: u64, problem: String },
 
+    /// The ring all-reduce cannot go on: it failed again and again with no worker lost, or
+    /// every worker holding the model was lost (`--allreduce ring`).
+    #[error("ring all-reduce: {0}")]
+    Ring(String),
+
     /// The resume checkpoint could not be written or read.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
@@ -62,7 +67,7 @@ impl Error {
     /// Whether running the job again (or resuming it) may succeed, as opposed to a problem
     /// of the job itself (bad flags, bad data, divergence).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::TooFewWorkers { .. })
+        matches!(self, Error::TooFewWorkers { .. } | Error::Ring(_))
     }
 
     /// Wraps an I/O error with the path it concerns.

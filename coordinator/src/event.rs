@@ -1,5 +1,5 @@
 use common::ids::WorkerId;
-use proto::v1::{CoordinatorMessage, EvalReport, GradientReport};
+use proto::v1::{CoordinatorMessage, EvalReport, GradientReport, ModelState, RingReady};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -10,8 +10,13 @@ pub type Outbox = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 /// arrivals and departures in a single place.
 #[derive(Debug)]
 pub enum Event {
-    /// A registered worker opened its session.
-    Joined { worker: WorkerId, outbox: Outbox },
+    /// A registered worker opened its session. `ring_address` is where its ring listener
+    /// is reached (`host:port`), when it has one.
+    Joined {
+        worker: WorkerId,
+        outbox: Outbox,
+        ring_address: Option<String>,
+    },
     /// A worker answered.
     Report { worker: WorkerId, report: Report },
     /// A worker's session ended.
@@ -32,6 +37,10 @@ pub enum Report {
     Gradient(GradientReport),
     /// Sums over its part of the test set.
     Eval(EvalReport),
+    /// Its ring is connected, or why not.
+    RingReady(RingReady),
+    /// Its replica, as asked for.
+    State(ModelState),
     /// It could not do what it was asked.
     Failure(String),
     /// It is alive (sent while idle and while computing).

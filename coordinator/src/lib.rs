@@ -17,7 +17,7 @@ mod run_dir;
 mod service;
 mod trainer;
 
-pub use config::{Config, LrDecay};
+pub use config::{AllreduceKind, Config, LrDecay};
 pub use error::{Error, Result};
 pub use metrics::{Departure, EpochRecord, JoinRecord};
 pub use run::run;

@@ -170,6 +170,8 @@ fn worker_command(spec: &LaunchSpec) -> Result<Command> {
         .arg(absolute(&spec.data_dir))
         .arg("--threads")
         .arg(spec.threads.to_string())
+        // Its ring neighbours are on this machine too.
+        .args(["--ring-listen", "127.0.0.1:0"])
         .stdin(Stdio::null());
     if let Some(ca) = &spec.tls_ca {
         std_command

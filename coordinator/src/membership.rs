@@ -11,6 +11,8 @@ use tokio::sync::mpsc;
 pub struct Member {
     pub id: WorkerId,
     outbox: Outbox,
+    /// Where its ring listener is reached, when it has one.
+    pub ring_address: Option<String>,
     /// When the coordinator last heard anything from it (a heartbeat or an answer).
     pub last_heard: Instant,
 }
@@ -62,7 +64,12 @@ impl Membership {
     }
 
     /// Queues a worker whose session just opened, unless the job is full.
-    pub fn arrive(&mut self, id: WorkerId, outbox: Outbox) -> Arrival {
+    pub fn arrive(
+        &mut self,
+        id: WorkerId,
+        outbox: Outbox,
+        ring_address: Option<String>,
+    ) -> Arrival {
         if self.members.len() + self.waiting.len() >= self.max {
             let reason = format!("the job already has its {} workers", self.max);
             let _ = outbox.try_send(Ok(shutdown_message(&reason)));
@@ -71,6 +78,7 @@ impl Membership {
         self.waiting.push(Member {
             id,
             outbox,
+            ring_address,
             last_heard: Instant::now(),
         });
         Arrival::Waiting

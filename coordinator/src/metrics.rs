@@ -27,8 +27,14 @@ pub struct EpochRecord {
     /// Wall time of the training steps.
     pub train_seconds: f64,
     /// Part of `train_seconds` spent computing gradients: per step, the slowest worker's
-    /// time. The rest is communication, averaging and waiting.
+    /// time.
     pub compute_seconds: f64,
+    /// Part of `train_seconds` spent communicating. Parameter server: per step, the time
+    /// from sending the requests to having every answer, less the slowest worker's
+    /// computing. Ring: per step, the all-reduce time of the worker that waited least in it.
+    /// The rest of `train_seconds` is averaging, scheduling and waiting.
+    #[serde(default)]
+    pub comm_seconds: f64,
     /// Wall time of the evaluation.
     pub eval_seconds: f64,
     /// Steps in the epoch.

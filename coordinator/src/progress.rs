@@ -21,6 +21,9 @@ pub struct EpochProgress {
     pub correct: u64,
     /// Sum over steps of the slowest answering worker's computing time.
     pub compute_seconds: f64,
+    /// Sum over steps of the time spent communicating (see `EpochRecord::comm_seconds`).
+    #[serde(default)]
+    pub comm_seconds: f64,
     /// Wall time of this epoch's steps so far (across coordinator restarts).
     pub train_seconds: f64,
     /// Steps applied in this epoch.

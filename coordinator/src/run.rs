@@ -1,6 +1,7 @@
 use crate::{
     Config, Error, Result,
     averaging::{Averaging, ParameterServer},
+    config::AllreduceKind,
     local_workers::{LaunchSpec, LocalWorkers, WorkerProgram},
     resume::{self, Resume, ResumeState},
     run_dir::RunDir,
@@ -188,11 +189,15 @@ pub async fn run(
         pause_timeout: config.pause_timeout(),
         checkpoint_every: config.checkpoint_every,
     };
+    let averaging = match config.allreduce {
+        AllreduceKind::Ps => Averaging::ParameterServer(averaging),
+        AllreduceKind::Ring => Averaging::Ring(averaging),
+    };
     let trainer = Trainer::new(
         job,
         spec,
         params,
-        Averaging::ParameterServer(averaging),
+        averaging,
         (train_len, test_len),
         run_dir,
         events_rx,

@@ -12,7 +12,7 @@ use proto::v1::{
 };
 use sha2::{Digest, Sha256};
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -37,7 +37,8 @@ pub struct CoordinatorService {
     data_dir: PathBuf,
     events: mpsc::UnboundedSender<Event>,
     next_id: AtomicU64,
-    registered: Mutex<HashSet<WorkerId>>,
+    /// Registered workers and their ring addresses.
+    registered: Mutex<HashMap<WorkerId, Option<String>>>,
     in_session: Arc<Mutex<HashSet<WorkerId>>>,
     heartbeat_interval: Duration,
 }
@@ -96,8 +97,12 @@ impl Coordinator for CoordinatorService {
             warn!(?peer, host = %request.hostname, "registration refused: {}", status.message());
             return Err(status);
         }
+        let ring_address = ring_address(&request, peer);
         let worker = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        self.registered.lock().expect("poisoned").insert(worker);
+        self.registered
+            .lock()
+            .expect("poisoned")
+            .insert(worker, ring_address);
         info!(%worker, ?peer, host = %request.hostname, pid = request.pid, device = %request.device, "worker registered");
         Ok(Response::new(RegisterReply {
             worker_id: worker.0,
@@ -121,11 +126,17 @@ impl Coordinator for CoordinatorService {
                 ));
             }
         };
-        if !self.registered.lock().expect("poisoned").contains(&worker) {
+        let Some(ring_address) = self
+            .registered
+            .lock()
+            .expect("poisoned")
+            .get(&worker)
+            .cloned()
+        else {
             return Err(Status::not_found(format!(
                 "worker {worker} is not registered; call Register first"
             )));
-        }
+        };
         if !self.in_session.lock().expect("poisoned").insert(worker) {
             return Err(Status::already_exists(format!(
                 "worker {worker} already has a session"
@@ -135,9 +146,11 @@ impl Coordinator for CoordinatorService {
         let (outbox, outbound) = mpsc::channel(4);
         let events = self.events.clone();
         let in_session = Arc::clone(&self.in_session);
-        if let Err(SendError(Event::Joined { outbox, .. })) =
-            events.send(Event::Joined { worker, outbox })
-        {
+        if let Err(SendError(Event::Joined { outbox, .. })) = events.send(Event::Joined {
+            worker,
+            outbox,
+            ring_address,
+        }) {
             // The training loop has ended: a worker that arrives now is told to leave
             // rather than left to register again and again.
             in_session.lock().expect("poisoned").remove(&worker);
@@ -168,6 +181,8 @@ impl Coordinator for CoordinatorService {
                             Some(Kind::Eval(e)) => Report::Eval(e),
                             Some(Kind::Failure(f)) => Report::Failure(f.message),
                             Some(Kind::Heartbeat(_)) => Report::Heartbeat,
+                            Some(Kind::RingReady(ready)) => Report::RingReady(ready),
+                            Some(Kind::State(state)) => Report::State(state),
                             Some(Kind::Hello(_)) | None => {
                                 Report::Failure("sent an unexpected message kind".into())
                             }
@@ -280,6 +295,21 @@ fn report_delay() -> Option<Duration> {
 fn duplicate_report() -> bool {
     fail::fail_point!("report-duplicate", |_| true);
     false
+}
+
+/// Where the other workers reach this worker's ring listener: the host it names, else the
+/// address its connection comes from. `None` when it has no listener.
+fn ring_address(request: &RegisterRequest, peer: Option<std::net::SocketAddr>) -> Option<String> {
+    let port = u16::try_from(request.ring_port).ok().filter(|&p| p != 0)?;
+    if request.ring_host.is_empty() {
+        let ip = peer?.ip();
+        Some(std::net::SocketAddr::new(ip, port).to_string())
+    } else if request.ring_host.contains(':') && !request.ring_host.starts_with('[') {
+        // An IPv6 literal.
+        Some(format!("[{}]:{port}", request.ring_host))
+    } else {
+        Some(format!("{}:{port}", request.ring_host))
+    }
 }
 
 fn short(digest: &str) -> &str {

@@ -36,6 +36,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod ring;
+
 /// How often a line of progress is logged within an epoch.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -125,6 +127,8 @@ pub struct Trainer {
     /// Seconds the job ran before this coordinator took it over (resume).
     earlier_seconds: f64,
     last_lr: f32,
+    /// The workers' ring (`--allreduce ring`).
+    ring: ring::RingState,
 }
 
 impl Trainer {
@@ -175,6 +179,7 @@ impl Trainer {
             next_worker_id,
             earlier_seconds,
             last_lr: 0.0,
+            ring: ring::RingState::new(global_step),
         }
     }
 
@@ -227,6 +232,7 @@ impl Trainer {
                 self.progress.train_seconds += step_started.elapsed().as_secs_f64();
                 let every = self.options.checkpoint_every;
                 if every > 0 && self.global_step.is_multiple_of(every) && !self.progress.is_done() {
+                    self.refresh_copy().await?;
                     self.save_resume(started)?;
                 }
                 if last_progress.elapsed() >= PROGRESS_INTERVAL {
@@ -244,6 +250,7 @@ impl Trainer {
                 }
             }
             // Training of the epoch is done: a restart from here goes straight to evaluation.
+            self.refresh_copy().await?;
             self.save_resume(started)?;
             let eval_started = Instant::now();
             let eval = self.evaluate(epoch).await?;
@@ -337,6 +344,7 @@ impl Trainer {
             seconds: epoch_started.elapsed().as_secs_f64(),
             train_seconds: p.train_seconds,
             compute_seconds: p.compute_seconds,
+            comm_seconds: p.comm_seconds,
             eval_seconds,
             steps: p.steps,
             global_step: self.global_step,
@@ -419,6 +427,9 @@ impl Trainer {
     /// One synchronous step over the next global batch, split among the members in rank
     /// order. Samples of members lost during the step go back to the front of the epoch.
     async fn step(&mut self, lr: f32) -> Result<()> {
+        if self.averaging.is_ring() {
+            return self.ring_step(lr).await;
+        }
         self.admit().await?;
         let step = self.global_step;
         let batch = self.progress.take(self.job.global_batch());
@@ -439,6 +450,7 @@ impl Trainer {
         }
         let expected: Vec<usize> = parts.iter().map(|p| p.len()).collect();
         let len = self.params.len();
+        let gather_started = Instant::now();
         let gathered = self
             .gather(&format!("step {step}"), &ids, |rank, report| match report {
                 Report::Gradient(g) if g.step == step => judge_gradient(g, expected[rank], len),
@@ -472,10 +484,13 @@ impl Trainer {
             return Ok(());
         }
         let p = &mut self.progress;
-        p.compute_seconds += contributions
+        let compute = contributions
             .iter()
             .map(|(_, c)| c.compute_seconds)
             .fold(0.0, f64::max);
+        p.compute_seconds += compute;
+        // Requests and gradients in transit, beyond the slowest worker's computing.
+        p.comm_seconds += (gather_started.elapsed().as_secs_f64() - compute).max(0.0);
         for (_, c) in &contributions {
             p.count += c.count;
             p.loss_sum += c.loss_sum;
@@ -665,9 +680,13 @@ impl Trainer {
     /// Membership changes and stray reports, wherever the loop is waiting.
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Joined { worker, outbox } => {
+            Event::Joined {
+                worker,
+                outbox,
+                ring_address,
+            } => {
                 self.next_worker_id = self.next_worker_id.max(worker.0 + 1);
-                match self.membership.arrive(worker, outbox) {
+                match self.membership.arrive(worker, outbox, ring_address) {
                     Arrival::Waiting => debug!(%worker, "arrived; waits for the next step"),
                     Arrival::TurnedAway => {
                         warn!(%worker, "turned away: the job has --max-workers workers");
@@ -877,6 +896,7 @@ mod tests {
             correct,
             gradient: proto::encode_f32(gradient),
             compute_seconds: 0.01,
+            ..Default::default()
         }
     }
 

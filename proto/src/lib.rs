@@ -3,6 +3,7 @@
 //! that travel in `bytes` fields.
 
 mod codec;
+mod model_state;
 pub mod security;
 
 /// Generated messages and service stubs of `lockstep.v1`.
@@ -11,9 +12,10 @@ pub mod v1 {
 }
 
 pub use codec::{CodecError, decode_f32, decode_u32, encode_f32, encode_u32};
+pub use model_state::StateTensors;
 
 /// Compatible revision of `lockstep.v1`; coordinator and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest message either side accepts: a chunked dataset file or the largest model's
 /// parameters (mlp-dropout, 2.1 MB) fit with room to spare.

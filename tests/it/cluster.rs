@@ -138,6 +138,7 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
         pid: 1,
         device: "cpu".into(),
         dataset_digest: digest.into(),
+        ..Default::default()
     };
 
     info!("--- protocol version");

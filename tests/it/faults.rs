@@ -35,7 +35,7 @@ const FAULT_STEP: u64 = 150;
 const ACCURACY_TOLERANCE: f64 = 0.005;
 
 /// Waits for the coordinator's `step done` line of global step `step`.
-fn wait_step(log: &Log, step: u64) -> Line {
+pub(crate) fn wait_step(log: &Log, step: u64) -> Line {
     let suffix = format!(" global_step={step}");
     log.wait_for_line(
         0,
@@ -45,7 +45,7 @@ fn wait_step(log: &Log, step: u64) -> Line {
     )
 }
 
-fn seconds(what: &str, from: Instant, to: Instant) {
+pub(crate) fn seconds(what: &str, from: Instant, to: Instant) {
     println!(
         "{what}: {:.2} s",
         to.saturating_duration_since(from).as_secs_f64()
@@ -54,7 +54,12 @@ fn seconds(what: &str, from: Instant, to: Instant) {
 
 /// What every fault test promises: the coordinator exits 0, every epoch trained all 60000
 /// samples and evaluated all 10000, and the accuracy is that of the fault-free run.
-fn check_job(procs: &mut Procs, coordinator: &Proc, run_dir: &Path, job: &Job) -> Vec<Value> {
+pub(crate) fn check_job(
+    procs: &mut Procs,
+    coordinator: &Proc,
+    run_dir: &Path,
+    job: &Job,
+) -> Vec<Value> {
     let status = procs.wait_exit(coordinator, WAIT);
     let exited = Instant::now();
     assert!(
@@ -93,7 +98,7 @@ fn entries(records: &[Value], key: &str) -> Vec<Value> {
 }
 
 /// Asserts that exactly the workers `ids` were lost, and prints why.
-fn assert_lost(records: &[Value], ids: &[&str]) -> Vec<Value> {
+pub(crate) fn assert_lost(records: &[Value], ids: &[&str]) -> Vec<Value> {
     let lost = entries(records, "workers_lost");
     let mut names: Vec<_> = lost.iter().map(|e| e["worker"].as_str().unwrap()).collect();
     names.sort_unstable();
@@ -115,13 +120,13 @@ fn assert_lost(records: &[Value], ids: &[&str]) -> Vec<Value> {
 }
 
 /// Whether the two files hold the same bytes.
-fn same_bytes(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_bytes(a: &Path, b: &Path) -> bool {
     let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     read(a) == read(b)
 }
 
 /// The coordinator's `admitted at step` line for worker `id`, at or after line `from`.
-fn wait_admitted(log: &Log, from: usize, id: &str) -> Line {
+pub(crate) fn wait_admitted(log: &Log, from: usize, id: &str) -> Line {
     log.wait_for_line(
         from,
         &format!("admitted at step ... worker={id}"),
@@ -131,13 +136,13 @@ fn wait_admitted(log: &Log, from: usize, id: &str) -> Line {
 }
 
 /// Asserts that worker `id` is among the epochs' `workers_joined`.
-fn assert_joined(records: &[Value], id: &str) {
+pub(crate) fn assert_joined(records: &[Value], id: &str) {
     let joined = entries(records, "workers_joined");
     assert!(joined.iter().any(|j| j["worker"] == id), "{joined:?}");
 }
 
 /// The coordinator's `lost at step` line for worker `id`.
-fn lost_line(log: &Log, id: &str) -> Line {
+pub(crate) fn lost_line(log: &Log, id: &str) -> Line {
     log.wait_for(&format!("worker {id} lost at step"))
 }
 
@@ -342,9 +347,14 @@ fn killed_worker_replaced_by_a_new_process_joins_at_a_step_boundary() -> anyhow:
 #[test]
 fn coordinator_sigkilled_and_resumed_ends_with_the_parameters_of_an_uninterrupted_run()
 -> anyhow::Result<()> {
-    init_logging();
     // 2 workers: 469 steps per epoch.
-    let job = Job::mlp(2, 2);
+    coordinator_sigkilled_and_resumed(Job::mlp(2, 2))
+}
+
+/// Kills the coordinator of `job` mid-epoch, resumes it, and checks that the workers carried
+/// on and the final parameters are those of an uninterrupted run.
+pub(crate) fn coordinator_sigkilled_and_resumed(job: Job) -> anyhow::Result<()> {
+    init_logging();
     let fault_free = baseline(&job);
     let dir = tempfile::tempdir()?;
     let run_dir = dir.path().join("run");
@@ -456,6 +466,7 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
             pid: std::process::id(),
             device: "cpu".into(),
             dataset_digest: String::new(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -505,6 +516,7 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
                         correct: 0,
                         gradient: proto::encode_f32(&gradient),
                         compute_seconds: 0.001,
+                        ..Default::default()
                     })))
                     .await?;
             }
@@ -512,7 +524,7 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
             Command::Evicted(Evicted { reason }) | Command::Shutdown(Shutdown { reason }) => {
                 break Some(reason);
             }
-            Command::Evaluate(_) => anyhow::bail!("asked to evaluate"),
+            other => anyhow::bail!("asked for something else: {other:?}"),
         }
     };
     heartbeats.abort();
@@ -652,6 +664,7 @@ fn clients_without_the_join_token_are_unauthenticated_and_training_is_unaffected
             pid: std::process::id(),
             device: "cpu".into(),
             dataset_digest: String::new(),
+            ..Default::default()
         };
         let wrong = ClientAuth::new(Some(JoinToken::new("wrong-token".into())?));
         let mut wrong = CoordinatorClient::with_interceptor(channel.clone(), wrong);

@@ -7,5 +7,6 @@ mod end_to_end;
 mod faults;
 mod fetch;
 mod procs;
+mod ring;
 mod security;
 mod support;

@@ -267,6 +267,8 @@ impl Procs {
             args.push(run_dir.into());
             args.extend(job.args().into_iter().map(OsString::from));
         }
+        // A cluster setting, not the job's: a resumed job needs it too.
+        args.extend(["--allreduce".into(), job.allreduce.into()]);
         args.extend(extra.iter().map(OsString::from));
         self.coordinator(name, &args)
     }
@@ -431,6 +433,8 @@ pub struct Job {
     pub workers: usize,
     pub epochs: u32,
     pub seed: u64,
+    /// `--allreduce`: `ps` or `ring`.
+    pub allreduce: &'static str,
 }
 
 impl Job {
@@ -441,6 +445,15 @@ impl Job {
             workers,
             epochs,
             seed: SEED,
+            allreduce: "ps",
+        }
+    }
+
+    /// The same job with the workers averaging over a ring.
+    pub fn ring(self) -> Job {
+        Job {
+            allreduce: "ring",
+            ..self
         }
     }
 
@@ -483,7 +496,12 @@ pub struct Baseline {
 /// flags and kept under the temporary directory, since every test runs in a process of its own.
 pub fn baseline(job: &Job) -> Baseline {
     let key = {
-        let mut text = format!("v1 workers={} {}", job.workers, job.args().join(" "));
+        let mut text = format!(
+            "v2 workers={} allreduce={} {}",
+            job.workers,
+            job.allreduce,
+            job.args().join(" ")
+        );
         for name in ["coordinator", "worker"] {
             // A rebuilt binary may train differently: it gets a baseline of its own.
             let meta = std::fs::metadata(binary(name)).expect("the binary exists");

@@ -1,6 +1,6 @@
 use clap::Args;
 use proto::security::{ClientTls, JoinToken, SecurityError};
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// How a worker reaches its coordinator and where it computes. Every flag can also come
 /// from the environment, so a Kubernetes manifest can set it.
@@ -53,6 +53,16 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Address the ring all-reduce listener binds (`--allreduce ring` jobs): the left
+    /// neighbour connects here.
+    #[arg(long, env = "LOCKSTEP_RING_LISTEN", default_value = "0.0.0.0:0")]
+    pub ring_listen: SocketAddr,
+
+    /// Host name or address the other workers reach this worker's ring listener at
+    /// [default: the address the coordinator sees this worker connect from].
+    #[arg(long, env = "LOCKSTEP_RING_HOST")]
+    pub ring_host: Option<String>,
+
     /// Fault injection for tests: exit with status 1 after computing this many gradients.
     #[arg(long, env = "LOCKSTEP_FAIL_AFTER_STEPS", hide = true)]
     pub fail_after_steps: Option<u64>,
@@ -73,6 +83,8 @@ impl Config {
             tls_domain: None,
             tls_cert: None,
             tls_key: None,
+            ring_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            ring_host: None,
             fail_after_steps: None,
         }
     }

@@ -8,6 +8,7 @@ mod error;
 mod executor;
 mod process;
 pub mod ring;
+mod ring_replica;
 mod session;
 mod transfer;
 

@@ -2,12 +2,16 @@
 //! until it says to stop. When the session breaks (the coordinator restarts, or evicts this
 //! worker) the worker registers again and carries on, keeping its data and model.
 
-use crate::{Config, Error, Result, executor::Executor, transfer::receive_dataset};
+use crate::{
+    Config, Error, Result, executor::Executor, ring::RingListener, ring_replica::RingReplica,
+    transfer::receive_dataset,
+};
 use candle_core::Device;
 use common::{
     dataset::{Dataset, dataset_files},
     fetch::default_data_dir,
     ids::WorkerId,
+    job::JobConfig,
     model::ModelKind,
     replica::Replica,
 };
@@ -21,6 +25,7 @@ use proto::{
 };
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -44,6 +49,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let auth = ClientAuth::new(config.join_token()?);
     let endpoint = endpoint(&config)?;
     let mut dataset = load_local(data_dir.clone()).await?;
+    // Bound once: the ring port a worker advertises stays the same across registrations.
+    let ring_listener =
+        Arc::new(
+            RingListener::bind(config.ring_listen).map_err(|source| Error::Io {
+                path: PathBuf::from(format!("ring listener {}", config.ring_listen)),
+                source,
+            })?,
+        );
     let local_digest = dataset.as_ref().map(Dataset::digest).unwrap_or_default();
     let mut executor: Option<(JobSpec, Executor)> = None;
     let mut gradients = 0u64;
@@ -58,6 +71,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             pid: std::process::id(),
             device: config.device.clone(),
             dataset_digest: local_digest.clone(),
+            ring_port: u32::from(ring_listener.local_addr().port()),
+            ring_host: config.ring_host.clone().unwrap_or_default(),
         };
         let reply = match client.register(request).await.map_err(Error::from) {
             Ok(reply) => reply.into_inner(),
@@ -99,15 +114,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 Executor::new(build_replica(&job, &device)?, data, device.clone())
             }
         };
+        let job_config: JobConfig = serde_json::from_str(&job.config_json)
+            .map_err(|e| Error::BadRequest(format!("the job's settings do not parse: {e}")))?;
         let mut session = Session {
             worker,
             heartbeat,
             gradients: &mut gradients,
             fail_after: config.fail_after_steps,
         };
-        let mut slot = Some(ready);
+        let mut slot = Some(Engine {
+            executor: ready,
+            ring: RingReplica::new(Arc::clone(&ring_listener), job_config.optimizer),
+        });
         let outcome = session.serve(&mut client, &mut slot, &shutdown).await;
-        executor = slot.map(|ready| (job, ready));
+        executor = slot.map(|engine| (job, engine.executor));
         match outcome {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
@@ -120,6 +140,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             return Ok(());
         }
     }
+}
+
+/// What computes the answers: the model and data, and for ring jobs the replica being
+/// trained. The executor outlives a session; the ring replica is set up afresh in each.
+struct Engine {
+    executor: Executor,
+    ring: RingReplica,
 }
 
 /// One registration's session.
@@ -136,7 +163,7 @@ impl Session<'_> {
     async fn serve(
         &mut self,
         client: &mut Client,
-        executor: &mut Option<Executor>,
+        executor: &mut Option<Engine>,
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let (outbox, outbound) = mpsc::channel(4);
@@ -178,7 +205,7 @@ impl Session<'_> {
                 }
                 Command::Evicted(evicted) => return Err(Error::Evicted(evicted.reason)),
                 command => {
-                    let is_gradient = matches!(command, Command::Compute(_));
+                    let is_gradient = matches!(command, Command::Compute(_) | Command::RingStep(_));
                     let answer = compute(executor, command).await;
                     if is_gradient && answer.is_ok() {
                         *self.gradients += 1;
@@ -238,18 +265,16 @@ async fn last_word(inbound: &mut Streaming<CoordinatorMessage>) -> Result<()> {
 }
 
 /// Runs one request on a blocking thread, so heartbeats keep flowing meanwhile.
-async fn compute(slot: &mut Option<Executor>, command: Command) -> Result<Kind> {
-    // `spawn_blocking` needs `'static`: the executor moves there and back.
-    let mut executor = slot
-        .take()
-        .expect("the executor is back after each request");
-    let (executor, answer) = tokio::task::spawn_blocking(move || {
-        let answer = answer(&mut executor, command);
-        (executor, answer)
+async fn compute(slot: &mut Option<Engine>, command: Command) -> Result<Kind> {
+    // `spawn_blocking` needs `'static`: the engine moves there and back.
+    let mut engine = slot.take().expect("the engine is back after each request");
+    let (engine, answer) = tokio::task::spawn_blocking(move || {
+        let answer = answer(&mut engine, command);
+        (engine, answer)
     })
     .await
     .expect("computation does not panic");
-    *slot = Some(executor);
+    *slot = Some(engine);
     answer
 }
 
@@ -278,7 +303,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// Computes the answer to one request.
-fn answer(executor: &mut Executor, command: Command) -> Result<Kind> {
+fn answer(engine: &mut Engine, command: Command) -> Result<Kind> {
+    let executor = &mut engine.executor;
     match command {
         Command::Compute(compute) => {
             let started = Instant::now();
@@ -293,7 +319,13 @@ fn answer(executor: &mut Executor, command: Command) -> Result<Kind> {
                 correct: result.correct,
                 gradient: proto::encode_f32(&result.gradient),
                 compute_seconds: started.elapsed().as_secs_f64(),
+                ..Default::default()
             }))
+        }
+        Command::SetupRing(setup) => Ok(Kind::RingReady(engine.ring.setup(setup)?)),
+        Command::RingStep(step) => Ok(Kind::Gradient(engine.ring.step(executor, &step)?)),
+        Command::StateRequest(request) => {
+            Ok(Kind::State(engine.ring.state(request.committed_steps)?))
         }
         Command::Evaluate(evaluate) => {
             let parameters = decode_f32("parameters", &evaluate.parameters)?;

@@ -1,0 +1,374 @@
+//! The training loop's side of `--allreduce ring`: the coordinator orders the steps and keeps
+//! the membership, and the workers sum their gradients over a TCP ring and update their own
+//! replicas.
+//!
+//! - A ring is set up for each membership (a *generation*): every member gets its rank, the
+//!   members' ring addresses, a random key and the model state from the coordinator's copy,
+//!   so that a newcomer and the old members start the generation from the same bits.
+//! - A step counts only when every member's all-reduce succeeded. Otherwise the whole global
+//!   batch goes back to the epoch, and the next step starts on a new ring without the members
+//!   that were lost; the workers drop the update they were holding for it.
+//! - The coordinator's copy of the model is refreshed from a member when it needs one: to
+//!   evaluate, to checkpoint, to set up a new ring.
+
+use super::{Trainer, Verdict};
+use crate::{Error, Result, event::Report, membership::Member};
+use common::{ids::WorkerId, optim::OptimizerState, seed::derive_seed, sharding::split_evenly};
+use proto::{
+    StateTensors,
+    v1::{
+        GradientReport, ModelState, RingStep, SetupRing, StateRequest, coordinator_message::Kind,
+    },
+};
+use tracing::{debug, info, warn};
+
+/// Ring failures in a row, with no worker lost, after which the job stops: the workers cannot
+/// reach each other (a firewall, a wrong --ring-host), and retrying will not change that.
+const MAX_RING_FAILURES: u32 = 5;
+
+/// The current ring, if one is formed, and what the coordinator knows of the replicas.
+#[derive(Debug, Default)]
+pub(super) struct RingState {
+    /// The members of the last ring formed, in rank order; they hold the model.
+    members: Vec<WorkerId>,
+    generation: u64,
+    /// Whether `members` still form a working ring.
+    intact: bool,
+    /// The global step the coordinator's copy of the model belongs to.
+    copy_step: u64,
+    /// Failures since the last step that counted.
+    failures: u32,
+}
+
+impl RingState {
+    /// A ring job whose coordinator holds the model as of `global_step`.
+    pub(super) fn new(global_step: u64) -> Self {
+        RingState {
+            copy_step: global_step,
+            ..RingState::default()
+        }
+    }
+}
+
+/// A ring member's answer to a step.
+struct RingAnswer {
+    report: GradientReport,
+}
+
+impl Trainer {
+    /// One ring step over the next global batch. Returns without counting a step when the
+    /// ring could not be formed or broke; the batch is then back in the epoch.
+    pub(super) async fn ring_step(&mut self, lr: f32) -> Result<()> {
+        self.admit().await?;
+        if !self.ensure_ring().await? {
+            return Ok(());
+        }
+        let step = self.global_step;
+        let batch = self.progress.take(self.job.global_batch());
+        let ids = self.ring.members.clone();
+        let parts = split_evenly(batch.len(), ids.len());
+        for (rank, (&worker, part)) in ids.iter().zip(&parts).enumerate() {
+            let command = RingStep {
+                step,
+                epoch: u64::from(self.progress.epoch),
+                indices: proto::encode_u32(&batch[part.clone()]),
+                dropout_seed: derive_seed(self.job.seed, "dropout", &[step, rank as u64]),
+                lr,
+                global_count: batch.len() as u64,
+                generation: self.ring.generation,
+            };
+            if !self.membership.send(worker, Kind::RingStep(command)) {
+                self.evict(worker, "not reading its session", true);
+            }
+        }
+        let expected: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        let gathered = self
+            .gather(&format!("step {step}"), &ids, |rank, report| match report {
+                Report::Gradient(g) if g.step == step => judge_ring_report(g, expected[rank]),
+                _ => Verdict::Ignore,
+            })
+            .await?;
+        if gathered.non_finite.len() == ids.len() {
+            return Err(Error::Diverged {
+                step,
+                problem: gathered.non_finite.join("; "),
+            });
+        }
+        let answers: Vec<&RingAnswer> = gathered.slots.iter().flat_map(|(_, a)| a).collect();
+        let ring_errors: Vec<String> = gathered
+            .slots
+            .iter()
+            .filter_map(|(worker, answer)| {
+                let error = &answer.as_ref()?.report.ring_error;
+                (!error.is_empty()).then(|| format!("{worker}: {error}"))
+            })
+            .collect();
+        if answers.len() < ids.len() || !ring_errors.is_empty() {
+            self.ring.intact = false;
+            self.progress.requeue(&batch);
+            info!(
+                step,
+                samples = batch.len(),
+                "the ring step failed; its samples go back to the epoch"
+            );
+            return self.ring_failed(step, answers.len() == ids.len(), &ring_errors);
+        }
+        let p = &mut self.progress;
+        p.compute_seconds += answers
+            .iter()
+            .map(|a| a.report.compute_seconds)
+            .fold(0.0, f64::max);
+        // The worker that waited least in the all-reduce shows the communication itself.
+        p.comm_seconds += answers
+            .iter()
+            .map(|a| a.report.allreduce_seconds)
+            .fold(f64::INFINITY, f64::min);
+        for answer in &answers {
+            p.count += answer.report.count;
+            p.loss_sum += answer.report.loss_sum;
+            p.correct += answer.report.correct;
+        }
+        self.ring.failures = 0;
+        self.global_step += 1;
+        self.progress.steps += 1;
+        debug!(
+            epoch = self.progress.epoch,
+            global_step = self.global_step,
+            "step done"
+        );
+        Ok(())
+    }
+
+    /// Counts a failed step or set-up; too many in a row with every member still there mean
+    /// the ring cannot work.
+    fn ring_failed(&mut self, step: u64, nobody_lost: bool, errors: &[String]) -> Result<()> {
+        if !errors.is_empty() {
+            warn!(step, "ring all-reduce failed: {}", errors.join("; "));
+        }
+        if !nobody_lost {
+            return Ok(());
+        }
+        self.ring.failures += 1;
+        if self.ring.failures >= MAX_RING_FAILURES {
+            return Err(Error::Ring(format!(
+                "failed {} times in a row with every worker still present ({}); check that the \
+                 workers reach each other's ring listeners (--ring-listen, --ring-host), or use \
+                 --allreduce ps",
+                self.ring.failures,
+                errors.join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes sure the current members form a ring; false when this attempt failed (the
+    /// caller tries again at the next step boundary).
+    async fn ensure_ring(&mut self) -> Result<bool> {
+        let ids = self.membership.ids();
+        if self.ring.intact && self.ring.members == ids {
+            return Ok(true);
+        }
+        self.refresh_copy().await?;
+        let mut peers = Vec::with_capacity(ids.len());
+        for &worker in &ids {
+            match self.membership.member(worker).and_then(ring_address) {
+                Some(address) => peers.push(address),
+                None => {
+                    self.evict(
+                        worker,
+                        "it has no ring listener (a worker build without --allreduce ring)",
+                        false,
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        let ids = self.membership.ids();
+        self.ring.generation += 1;
+        self.ring.intact = false;
+        let generation = self.ring.generation;
+        let key: [u8; 16] = rand::random();
+        let optimizer = self.averaging.optimizer_state();
+        let state = ModelState::encode(
+            self.global_step,
+            &StateTensors {
+                parameters: self.averaging.parameters().to_vec(),
+                optimizer_step: optimizer.step,
+                first_moment: optimizer.first_moment,
+                second_moment: optimizer.second_moment,
+            },
+        );
+        for (rank, &worker) in ids.iter().enumerate() {
+            let command = SetupRing {
+                generation,
+                rank: rank as u32,
+                peers: peers.clone(),
+                key: key.to_vec().into(),
+                timeout_seconds: self.options.worker_timeout.as_secs_f64(),
+                state: Some(state.clone()),
+            };
+            if !self.membership.send(worker, Kind::SetupRing(command)) {
+                self.evict(worker, "not reading its session", true);
+            }
+        }
+        let gathered = self
+            .gather(
+                &format!("ring set-up {generation}"),
+                &ids,
+                |_, report| match report {
+                    Report::RingReady(ready) if ready.generation == generation => {
+                        Verdict::Accept(ready.error)
+                    }
+                    _ => Verdict::Ignore,
+                },
+            )
+            .await?;
+        let errors: Vec<String> = gathered
+            .slots
+            .iter()
+            .filter_map(|(worker, error)| {
+                let error = error.as_ref()?;
+                (!error.is_empty()).then(|| format!("{worker}: {error}"))
+            })
+            .collect();
+        let all_answered = gathered.slots.iter().all(|(_, a)| a.is_some());
+        // Whoever answered holds the coordinator's state now, formed ring or not.
+        self.ring.members = gathered
+            .slots
+            .iter()
+            .filter(|(_, a)| a.is_some())
+            .map(|(w, _)| *w)
+            .collect();
+        if all_answered && errors.is_empty() {
+            self.ring.intact = true;
+            info!(
+                generation,
+                workers = ids.len(),
+                step = self.global_step,
+                "ring formed"
+            );
+            return Ok(true);
+        }
+        self.ring_failed(self.global_step, all_answered, &errors)?;
+        Ok(false)
+    }
+
+    /// Brings the coordinator's copy of the model up to the current step, from a member of
+    /// the last ring. A no-op for parameter-server jobs, whose copy is the model.
+    pub(super) async fn refresh_copy(&mut self) -> Result<()> {
+        if !self.averaging.is_ring() || self.ring.copy_step == self.global_step {
+            return Ok(());
+        }
+        let committed = self.global_step;
+        let holders: Vec<WorkerId> = self
+            .ring
+            .members
+            .iter()
+            .copied()
+            .filter(|&w| self.membership.contains(w))
+            .collect();
+        for worker in holders {
+            if !self.membership.send(
+                worker,
+                Kind::StateRequest(StateRequest {
+                    committed_steps: committed,
+                }),
+            ) {
+                self.evict(worker, "not reading its session", true);
+                continue;
+            }
+            let len = self.params.len();
+            let gathered = self
+                .gather(
+                    &format!("state at step {committed}"),
+                    &[worker],
+                    |_, report| match report {
+                        Report::State(state) if state.committed_steps == committed => {
+                            judge_state(&state, len)
+                        }
+                        _ => Verdict::Ignore,
+                    },
+                )
+                .await?;
+            if let Some((_, Some((parameters, optimizer)))) = gathered.slots.into_iter().next() {
+                self.averaging.replace(parameters, optimizer)?;
+                self.ring.copy_step = committed;
+                debug!(%worker, step = committed, "model copy refreshed");
+                return Ok(());
+            }
+        }
+        Err(Error::Ring(format!(
+            "every worker holding the model at step {committed} was lost; resume the job from \
+             its last checkpoint (step {}) with --resume",
+            self.ring.copy_step
+        )))
+    }
+}
+
+fn ring_address(member: &Member) -> Option<String> {
+    member.ring_address.clone()
+}
+
+/// Checks a ring member's step report against what was asked. Its gradient stays on the
+/// workers: the report carries sums only.
+fn judge_ring_report(report: GradientReport, expected: usize) -> Verdict<RingAnswer> {
+    let refuse = |problem: String, non_finite: bool| Verdict::Refuse {
+        problem,
+        non_finite,
+    };
+    if report.non_finite {
+        return refuse(report.problem, true);
+    }
+    if report.count != expected as u64 {
+        return refuse(
+            format!(
+                "gradient over {} images, {expected} were assigned",
+                report.count
+            ),
+            false,
+        );
+    }
+    if !report.loss_sum.is_finite() {
+        return refuse(format!("loss sum {} is not finite", report.loss_sum), true);
+    }
+    if report.correct > report.count {
+        return refuse(
+            format!("{} correct out of {} images", report.correct, report.count),
+            false,
+        );
+    }
+    if !report.gradient.is_empty() {
+        return refuse("a gradient in a ring step's answer".into(), false);
+    }
+    Verdict::Accept(RingAnswer { report })
+}
+
+/// Checks a worker's replica: the model's length, finite values.
+fn judge_state(state: &ModelState, len: usize) -> Verdict<(Vec<f32>, OptimizerState)> {
+    let refuse = |problem: String| Verdict::Refuse {
+        problem,
+        non_finite: false,
+    };
+    let tensors = match state.decode() {
+        Ok(tensors) => tensors,
+        Err(e) => return refuse(e.to_string()),
+    };
+    if tensors.parameters.len() != len {
+        return refuse(format!(
+            "a replica of {} parameters, the model has {len}",
+            tensors.parameters.len()
+        ));
+    }
+    if let Some(index) = tensors.parameters.iter().position(|p| !p.is_finite()) {
+        return refuse(format!("replica parameter {index} is not finite"));
+    }
+    Verdict::Accept((
+        tensors.parameters,
+        OptimizerState {
+            len,
+            step: tensors.optimizer_step,
+            first_moment: tensors.first_moment,
+            second_moment: tensors.second_moment,
+        },
+    ))
+}

@@ -1,0 +1,117 @@
+//! `--allreduce ring`: the workers sum their gradients over TCP among themselves. The same
+//! promises as with the parameter server: every sample of every epoch trained once, the
+//! accuracy of a fault-free run, whatever happens to the workers or the coordinator.
+
+use crate::faults::{
+    assert_joined, assert_lost, check_job, coordinator_sigkilled_and_resumed, lost_line, seconds,
+    wait_admitted, wait_step,
+};
+use crate::procs::{Job, Procs, baseline, metrics};
+use crate::support::init_logging;
+use libc::{SIGCONT, SIGKILL, SIGSTOP};
+use tracing::info;
+
+/// Keeps detection of silent workers (and the ring's own timeout) short.
+const FLAGS: &[&str] = &["--worker-timeout", "2"];
+
+/// Mid-epoch 1 of 470 steps (4 workers, 2 epochs).
+const FAULT_STEP: u64 = 150;
+
+#[test]
+fn ring_training_matches_the_parameter_server() -> anyhow::Result<()> {
+    init_logging();
+    let ps = baseline(&Job::mlp(4, 2));
+    let ring = baseline(&Job::mlp(4, 2).ring());
+    println!(
+        "test accuracy: parameter server {:.4}, ring {:.4}",
+        ps.test_accuracy, ring.test_accuracy
+    );
+    // The sums run in another order, so the bits differ; the training must not.
+    assert!(
+        (ps.test_accuracy - ring.test_accuracy).abs() <= 0.005,
+        "ps {} ring {}",
+        ps.test_accuracy,
+        ring.test_accuracy
+    );
+    for record in metrics(&ring.run_dir) {
+        assert_eq!(record["samples"], 60_000, "{record}");
+        let (train, comm) = (
+            record["train_seconds"].as_f64().unwrap(),
+            record["comm_seconds"].as_f64().unwrap(),
+        );
+        assert!(comm > 0.0 && comm < train, "{record}");
+        println!(
+            "epoch {}: {:.0} images/s, communication {:.1}% of the training time",
+            record["epoch"],
+            record["images_per_sec"],
+            100.0 * comm / train
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn ring_worker_killed_then_stopped_the_ring_is_rebuilt_each_time() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let job = Job::mlp(4, 2).ring();
+    baseline(&job);
+    let mut procs = Procs::new();
+    let cluster = procs.cluster(&job, &dir.path().join("run"), FLAGS, &[]);
+    let log = &cluster.coordinator.log;
+
+    info!("--- SIGKILL a worker after step {FAULT_STEP}");
+    let killed_worker = cluster.workers[1].clone();
+    let killed_id = cluster.worker_id(&killed_worker);
+    wait_step(log, FAULT_STEP);
+    let killed = procs.signal(&killed_worker, SIGKILL);
+    let lost = lost_line(log, &killed_id);
+    seconds("detection", killed, lost.at);
+    let rebuilt = log.wait_for_after(&lost, "ring formed");
+    assert!(rebuilt.text.contains("workers=3"), "{}", rebuilt.text);
+    seconds("new ring of 3", killed, rebuilt.at);
+
+    info!("--- SIGSTOP another: evicted as silent, the others time out of the ring");
+    let stopped_worker = cluster.workers[2].clone();
+    let stopped_id = cluster.worker_id(&stopped_worker);
+    let stopped = procs.signal(&stopped_worker, SIGSTOP);
+    let lost = lost_line(log, &stopped_id);
+    seconds("detection", stopped, lost.at);
+    let rebuilt = log.wait_for_after(&lost, "ring formed");
+    assert!(rebuilt.text.contains("workers=2"), "{}", rebuilt.text);
+    seconds("new ring of 2", stopped, rebuilt.at);
+
+    info!("--- SIGCONT: it registers again and joins a ring of 3");
+    let from = lost.index;
+    let continued = procs.signal(&stopped_worker, SIGCONT);
+    let new_id = {
+        let again = stopped_worker.log.wait_for("registering again");
+        assert!(
+            again.text.contains("evicted by the coordinator"),
+            "{}",
+            again.text
+        );
+        let registered = stopped_worker
+            .log
+            .wait_for_after(&again, "registered worker=");
+        crate::procs::field(&registered.text, "worker")
+            .expect("worker field")
+            .to_owned()
+    };
+    let admitted = wait_admitted(log, from, &new_id);
+    let rebuilt = log.wait_for_after(&admitted, "ring formed");
+    assert!(rebuilt.text.contains("workers=3"), "{}", rebuilt.text);
+    seconds("back in a ring of 3 after SIGCONT", continued, rebuilt.at);
+
+    info!("--- the job finishes");
+    let records = check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
+    assert_lost(&records, &[&killed_id, &stopped_id]);
+    assert_joined(&records, &new_id);
+    Ok(())
+}
+
+#[test]
+fn ring_coordinator_sigkilled_and_resumed_ends_with_the_parameters_of_an_uninterrupted_run()
+-> anyhow::Result<()> {
+    coordinator_sigkilled_and_resumed(Job::mlp(2, 2).ring())
+}

@@ -38,17 +38,6 @@ pub(super) fn for_each_task<I: Send>(
             .into_iter()
             .enumerate()
             .for_each(|(i, item)| f(i, item));
-    } else if std::env::var_os("LOCKSTEP_KERNEL_POOL").is_some() {
-        let slots: Vec<std::sync::Mutex<Option<I>>> = items
-            .into_iter()
-            .map(|item| std::sync::Mutex::new(Some(item)))
-            .collect();
-        candle_core::utils::barrier_pool().execute_chunked(slots.len(), |range| {
-            for i in range {
-                let item = slots[i].lock().unwrap().take().unwrap();
-                f(i, item);
-            }
-        });
     } else {
         items
             .into_par_iter()

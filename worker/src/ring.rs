@@ -105,8 +105,9 @@ pub struct RingTimings {
     pub send: Duration,
     /// At the end, waiting for the sender thread to finish writing.
     pub drain: Duration,
-    /// Bytes written and read, headers included.
+    /// Bytes written to the right, headers included: 2(n-1)/n of the buffer, plus headers.
     pub bytes_sent: u64,
+    /// Bytes read from the left, headers included; the same amount.
     pub bytes_received: u64,
 }
 
@@ -213,10 +214,12 @@ impl Ring {
         }
     }
 
+    /// This worker's rank in the ring.
     pub fn rank(&self) -> Rank {
         Rank(self.rank as u32)
     }
 
+    /// The number of members.
     pub fn size(&self) -> usize {
         self.size
     }

@@ -497,6 +497,12 @@ impl Trainer {
             p.correct += c.correct;
         }
         self.averaging.apply(&contributions, lr)?;
+        self.step_counted();
+        Ok(())
+    }
+
+    /// Moves on to the next step once this one's update is in.
+    fn step_counted(&mut self) {
         self.global_step += 1;
         self.progress.steps += 1;
         debug!(
@@ -504,7 +510,6 @@ impl Trainer {
             global_step = self.global_step,
             "step done"
         );
-        Ok(())
     }
 
     /// Evaluates the current parameters on the test set, split among the members. Parts of

@@ -99,3 +99,41 @@ pub(super) unsafe fn map_ranges<U: Copy + Send>(
 /// The pieces of an elementwise map: small enough to balance two threads on LeNet's smallest
 /// parallel activation, large enough that each is worth a task.
 const MAP_CHUNK: usize = 16 * 1024;
+
+/// For the kernels' tests: runs `op` on a random `f32` input of `shape` and its backward
+/// pass against a random probe, in a rayon pool of 1 and of 2 threads, and asserts that the
+/// values and the input gradient are the same bits and that the input is large enough to be
+/// split at 2 threads (so the test means something).
+#[cfg(test)]
+pub(super) fn assert_same_bits_on_1_and_2_threads(
+    shape: &[usize],
+    op: impl Fn(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> + Sync,
+) {
+    use candle_core::{Device, Tensor, Var};
+    let xs = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap()).unwrap();
+    let probe = Tensor::randn(0f32, 1., op(&xs).unwrap().shape(), &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| {
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            assert_eq!(worth_splitting(xs.elem_count()), threads > 1);
+            let ys = op(&xs).unwrap();
+            let grads = (&ys * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (bits(&ys), bits(grads.get(&xs).unwrap()))
+        })
+    };
+    let one = run(1);
+    assert!(one.1.iter().any(|&b| b != 0), "the gradient is all zeros");
+    assert_eq!(one, run(2));
+}

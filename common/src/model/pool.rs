@@ -486,37 +486,10 @@ mod tests {
     /// gradients are the same bits on one thread as on two.
     #[test]
     fn bit_identical_across_thread_counts() {
-        let dev = Device::Cpu;
-        let xs =
-            Var::from_tensor(&Tensor::randn(0f32, 1., (64, 20, 24, 24), &dev).unwrap()).unwrap();
-        let probe = Tensor::randn(0f32, 1., max_pool_2x2(&xs).unwrap().shape(), &dev).unwrap();
-        let bits = |t: &Tensor| {
-            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        };
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                assert_eq!(
-                    super::super::parallel::worth_splitting(xs.elem_count()),
-                    threads > 1
-                );
-                let ys = max_pool_2x2(&xs).unwrap();
-                let grads = (&ys * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                (bits(&ys), bits(grads.get(&xs).unwrap()))
-            })
-        };
-        let one = run(1);
-        assert!(one.1.iter().any(|&b| b != 0));
-        assert_eq!(one, run(2));
+        super::super::parallel::assert_same_bits_on_1_and_2_threads(
+            &[64, 20, 24, 24],
+            max_pool_2x2,
+        );
     }
 
     fn thread_cpu_ms() -> f64 {

@@ -175,26 +175,6 @@ mod tests {
     /// Large enough to be split over two threads: the same bits as on one.
     #[test]
     fn bit_identical_across_thread_counts() {
-        let xs =
-            Var::from_tensor(&Tensor::randn(0f32, 1., (64, 32, 26, 26), &Device::Cpu).unwrap())
-                .unwrap();
-        let probe = Tensor::randn(0f32, 1., (64, 32, 26, 26), &Device::Cpu).unwrap();
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let ys = relu(&xs).unwrap();
-                let grads = (&ys * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                (bits(&ys), bits(grads.get(&xs).unwrap()))
-            })
-        };
-        assert_eq!(run(1), run(2));
+        super::super::parallel::assert_same_bits_on_1_and_2_threads(&[64, 32, 26, 26], relu);
     }
 }

@@ -129,13 +129,7 @@ impl Trainer {
             p.correct += answer.report.correct;
         }
         self.ring.failures = 0;
-        self.global_step += 1;
-        self.progress.steps += 1;
-        debug!(
-            epoch = self.progress.epoch,
-            global_step = self.global_step,
-            "step done"
-        );
+        self.step_counted();
         Ok(())
     }
 

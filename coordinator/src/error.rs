@@ -29,10 +29,15 @@ pub enum Error {
     #[error("training diverged at step {step}: {problem} (try a lower --lr)")]
     Diverged { step: u64, problem: String },
 
-    /// The ring all-reduce cannot go on: it failed again and again with no worker lost, or
-    /// every worker holding the model was lost (`--allreduce ring`).
+    /// The workers cannot form a ring: it failed again and again with every worker present
+    /// (`--allreduce ring`). Retrying will not help; the workers' addresses need fixing.
     #[error("ring all-reduce: {0}")]
     Ring(String),
+
+    /// Every worker holding the model was lost at once (`--allreduce ring`); `--resume`
+    /// carries on from the last checkpoint.
+    #[error("{0}")]
+    ModelLost(String),
 
     /// The resume checkpoint could not be written or read.
     #[error("checkpoint: {0}")]
@@ -67,7 +72,7 @@ impl Error {
     /// Whether running the job again (or resuming it) may succeed, as opposed to a problem
     /// of the job itself (bad flags, bad data, divergence).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::TooFewWorkers { .. } | Error::Ring(_))
+        matches!(self, Error::TooFewWorkers { .. } | Error::ModelLost(_))
     }
 
     /// Wraps an I/O error with the path it concerns.

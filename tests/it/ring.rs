@@ -115,3 +115,33 @@ fn ring_coordinator_sigkilled_and_resumed_ends_with_the_parameters_of_an_uninter
 -> anyhow::Result<()> {
     coordinator_sigkilled_and_resumed(Job::mlp(2, 2).ring())
 }
+
+#[test]
+fn workers_that_cannot_reach_each_other_stop_the_job_with_the_reason() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let job = Job::mlp(2, 1).ring();
+    let mut procs = Procs::new();
+    let addr = crate::procs::free_addr();
+    let url = format!("http://{addr}");
+    let coordinator =
+        procs.external_coordinator("coordinator", &job, addr, &dir.path().join("run"), FLAGS);
+    procs.worker("worker#0", &url, &["--ring-listen", "127.0.0.1:0"]);
+    let unreachable = ["--ring-host", "no-such-host.invalid"];
+    procs.worker("worker#1", &url, &unreachable);
+
+    info!("--- every ring set-up fails with both workers present: the job stops, naming why");
+    let status = procs.wait_exit(&coordinator, crate::procs::WAIT);
+    let log = coordinator.log.tail(40);
+    assert_eq!(status.code(), Some(1), "not resumable: {status}\n{log}");
+    assert!(log.contains("failed 5 times in a row"), "{log}");
+    assert!(
+        log.contains("cannot resolve ring peer 'no-such-host.invalid:"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("lost at step"),
+        "nobody is evicted for it:\n{log}"
+    );
+    Ok(())
+}

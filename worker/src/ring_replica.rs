@@ -89,7 +89,18 @@ impl RingReplica {
             .ok_or_else(|| Error::BadRequest("ring set-up without a model state".into()))?;
         self.model = Some(decode_state(&state, &self.optimizer_config)?);
         self.committed = state.committed_steps;
-        let peers = resolve(&setup.peers)?;
+        self.generation = setup.generation;
+        // A peer this worker cannot resolve or reach is not its fault: it says so in its
+        // answer, and the coordinator decides.
+        let peers = match resolve(&setup.peers) {
+            Ok(peers) => peers,
+            Err(error) => {
+                return Ok(RingReady {
+                    generation: setup.generation,
+                    error,
+                });
+            }
+        };
         let rank = setup.rank as usize;
         if rank >= peers.len() {
             return Err(Error::BadRequest(format!(
@@ -117,7 +128,6 @@ impl RingReplica {
             timeout: Duration::from_secs_f64(setup.timeout_seconds),
         };
         let started = Instant::now();
-        self.generation = setup.generation;
         let error = match Ring::connect(&self.listener, &config) {
             Ok(ring) => {
                 self.ring = Some(ring);
@@ -240,14 +250,14 @@ fn no_model() -> Error {
 }
 
 /// Resolves the peers' `host:port` addresses (host names work, for Kubernetes services).
-fn resolve(peers: &[String]) -> Result<Vec<SocketAddr>> {
+fn resolve(peers: &[String]) -> std::result::Result<Vec<SocketAddr>, String> {
     peers
         .iter()
         .map(|peer| {
             peer.to_socket_addrs()
                 .ok()
                 .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| Error::BadRequest(format!("cannot resolve ring peer '{peer}'")))
+                .ok_or_else(|| format!("cannot resolve ring peer '{peer}'"))
         })
         .collect()
 }

@@ -291,7 +291,7 @@ impl Trainer {
                 return Ok(());
             }
         }
-        Err(Error::Ring(format!(
+        Err(Error::ModelLost(format!(
             "every worker holding the model at step {committed} was lost; resume the job from \
              its last checkpoint (step {}) with --resume",
             self.ring.copy_step

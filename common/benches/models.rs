@@ -17,7 +17,7 @@ use common::optim::{Optimizer, OptimizerConfig};
 use common::replica::Replica;
 use common::sharding::EpochPlan;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -108,11 +108,9 @@ fn run_all() -> Result<()> {
     let data_dir = default_data_dir();
     ensure_mnist(&data_dir)?;
 
-    let cpu = cpu_model();
+    let cpu = common::bench_report::cpu_model();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let load_average = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
+    let load_average = common::bench_report::load_average();
     let started = Instant::now();
     let mut results = Vec::new();
     for &kind in &models {
@@ -139,7 +137,11 @@ fn run_all() -> Result<()> {
         results,
     };
     print_table(&report);
-    let path = write_report(&report)?;
+    let path = common::bench_report::write(
+        env!("CARGO_TARGET_TMPDIR"),
+        "models",
+        &serde_json::to_string_pretty(&report)?,
+    )?;
     eprintln!(
         "took {:.0} s; wrote {}",
         started.elapsed().as_secs_f64(),
@@ -279,17 +281,6 @@ fn train_flops_per_image(kind: ModelKind) -> f64 {
     (3 * 2 * multiply_adds) as f64
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string())
-}
-
 fn print_table(report: &Report) {
     println!(
         "candle on the CPU, batch {}, evaluation in chunks of {}; {} ({} cores available, load average {})",
@@ -313,18 +304,4 @@ fn print_table(report: &Report) {
             row.train_gflop_per_s
         );
     }
-}
-
-/// Writes `target/bench/models.json` under a temporary name first, so that it appears whole.
-fn write_report(report: &Report) -> Result<PathBuf> {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .ok_or("CARGO_TARGET_TMPDIR has no parent")?;
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("models.json");
-    let partial = dir.join(".models.json.partial");
-    std::fs::write(&partial, serde_json::to_string_pretty(report)? + "\n")?;
-    std::fs::rename(&partial, &path)?;
-    Ok(path)
 }

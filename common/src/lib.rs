@@ -4,6 +4,7 @@
 //! Invariant: nothing here opens a socket except [`fetch`], which downloads MNIST.
 
 pub mod allocator;
+pub mod bench_report;
 pub mod dataset;
 pub mod error;
 pub mod fetch;

@@ -83,7 +83,7 @@ fn main() -> Result<()> {
     let scratch = tempfile::tempdir()?;
     let mut report = Report {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        load_average: std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
+        load_average: common::bench_report::load_average(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         throughput: Vec::new(),
         time_to_accuracy: Vec::new(),
@@ -136,10 +136,11 @@ fn main() -> Result<()> {
         }
     }
     print_report(&report);
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out)?;
-    let path = out.join("cluster.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    let path = common::bench_report::write(
+        env!("CARGO_TARGET_TMPDIR"),
+        "cluster",
+        &serde_json::to_string_pretty(&report)?,
+    )?;
     println!("\nwritten to {}", path.display());
     Ok(())
 }
@@ -183,7 +184,7 @@ fn build_coordinator() -> Result<PathBuf> {
     if !status.success() {
         return Err("building the coordinator failed".into());
     }
-    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/coordinator"))
+    Ok(common::bench_report::target_dir(env!("CARGO_TARGET_TMPDIR"))?.join("release/coordinator"))
 }
 
 fn run_job(
@@ -286,8 +287,7 @@ fn time_to_accuracy(
 fn print_report(report: &Report) {
     println!(
         "\n{} cores, load average {}",
-        report.cores,
-        report.load_average.trim()
+        report.cores, report.load_average
     );
     println!(
         "\n| model | workers | allreduce | images/s | ms/step | compute | comm | other | comm share |"

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use worker::ring::{Ring, RingConfig, RingListener};
@@ -130,11 +130,9 @@ fn run_all() -> Result<()> {
         });
     }
     let report = Report {
-        cpu: cpu_model(),
+        cpu: common::bench_report::cpu_model(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        load_average: std::fs::read_to_string("/proc/loadavg")
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default(),
+        load_average: common::bench_report::load_average(),
         chunk_floats: worker::ring::CHUNK_FLOATS,
         memcpy_gb_per_s,
         tcp_one_way_gb_per_s: one_way,
@@ -142,7 +140,11 @@ fn run_all() -> Result<()> {
         rings,
     };
     print_table(&report);
-    let path = write_report(&report)?;
+    let path = common::bench_report::write(
+        env!("CARGO_TARGET_TMPDIR"),
+        "allreduce",
+        &serde_json::to_string_pretty(&report)?,
+    )?;
     println!("\nwrote {}", path.display());
     Ok(())
 }
@@ -357,30 +359,4 @@ fn print_table(report: &Report) {
             );
         }
     }
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
-}
-
-/// Writes `target/bench/allreduce.json` under a temporary name first, so that it appears whole.
-fn write_report(report: &Report) -> Result<PathBuf> {
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .ok_or("CARGO_TARGET_TMPDIR has no parent")?;
-    let dir = target.join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("allreduce.json");
-    let partial = dir.join(".allreduce.json.partial");
-    std::fs::write(&partial, serde_json::to_string_pretty(report)? + "\n")?;
-    std::fs::rename(&partial, &path)?;
-    Ok(path)
 }

@@ -1,6 +1,7 @@
 //! One copy of a model that computes gradients and evaluations on request.
 
 use crate::Result;
+use crate::dataset::CLASSES;
 use crate::model::{ModelKind, Network};
 use crate::params::ParamSet;
 use candle_core::{DType, Device, ModuleT, Tensor};
@@ -42,6 +43,22 @@ pub struct EvalSums {
     pub correct: u64,
     /// Images in the batch.
     pub count: u64,
+    /// Per class (the label): images, and those classified correctly.
+    pub class_count: [u64; CLASSES],
+    pub class_correct: [u64; CLASSES],
+}
+
+impl EvalSums {
+    /// Adds another batch's sums to these.
+    pub fn add(&mut self, other: &EvalSums) {
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.count += other.count;
+        for class in 0..CLASSES {
+            self.class_count[class] += other.class_count[class];
+            self.class_correct[class] += other.class_correct[class];
+        }
+    }
 }
 
 impl Replica {
@@ -124,7 +141,15 @@ impl Replica {
         }
         let logits = self.network.forward_t(&images, false)?.detach();
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        sums(&logits, &loss, &labels)
+        let mut eval = sums(&logits, &loss, &labels)?;
+        let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
+        for (label, prediction) in labels.to_vec1::<u32>()?.into_iter().zip(predicted) {
+            // Labels are checked to be below CLASSES when the dataset is read.
+            let class = label as usize;
+            eval.class_count[class] += 1;
+            eval.class_correct[class] += u64::from(prediction == label);
+        }
+        Ok(eval)
     }
 
     /// Class probabilities `(b, 10)` for `images`, without dropout.
@@ -156,6 +181,7 @@ fn sums(logits: &Tensor, mean_loss: &Tensor, labels: &Tensor) -> Result<EvalSums
         loss_sum: mean * count as f64,
         correct: u64::from(correct),
         count: count as u64,
+        ..EvalSums::default()
     })
 }
 
@@ -246,6 +272,14 @@ mod tests {
             .count() as u64;
         let sums = replica.evaluate(&params, &images, &labels).unwrap();
         assert_eq!((sums.correct, sums.count), (correct, 16));
+        let mut class_count = [0u64; CLASSES];
+        let mut class_correct = [0u64; CLASSES];
+        for (p, l) in predicted.iter().zip(&expected) {
+            class_count[*l as usize] += 1;
+            class_correct[*l as usize] += u64::from(p == l);
+        }
+        assert_eq!(sums.class_count, class_count);
+        assert_eq!(sums.class_correct, class_correct);
     }
 
     #[test]

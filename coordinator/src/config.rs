@@ -7,6 +7,7 @@ use common::{
 };
 use proto::security::{JoinToken, ServerTls};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use worker::LogFormat;
 
 /// How the coordinator runs a job; every flag can also come from the environment, so a
 /// Kubernetes manifest can set it.
@@ -155,6 +156,21 @@ pub struct Config {
     /// must then name `localhost`.
     #[arg(long, env = "LOCKSTEP_TLS_CA", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP at this address (GET /metrics), e.g.
+    /// 127.0.0.1:9100.
+    #[arg(long, env = "LOCKSTEP_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Seconds between progress reports: a record in progress.jsonl and, without a
+    /// terminal, a progress line in the log.
+    #[arg(long, env = "LOCKSTEP_PROGRESS_EVERY", default_value_t = 5.0)]
+    pub progress_every: f64,
+
+    /// How log lines are written: text, or json (one object per line). Spawned workers
+    /// log the same way.
+    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// How gradients are averaged.
@@ -212,6 +228,9 @@ impl Default for Config {
             tls_key: None,
             tls_client_ca: None,
             tls_ca: None,
+            metrics_listen: None,
+            progress_every: 5.0,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -272,6 +291,7 @@ impl Config {
         for (flag, seconds) in [
             ("--worker-timeout", self.worker_timeout),
             ("--pause-timeout", self.pause_timeout),
+            ("--progress-every", self.progress_every),
         ] {
             if !(seconds.is_finite() && seconds > 0.0 && seconds < 1e7) {
                 return Err(Error::Config(format!(
@@ -314,6 +334,11 @@ impl Config {
     /// How long a worker may stay silent, or lag behind the others, before it is evicted.
     pub fn worker_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.worker_timeout)
+    }
+
+    /// Time between progress reports.
+    pub fn progress_every(&self) -> Duration {
+        Duration::from_secs_f64(self.progress_every)
     }
 
     /// How long the job waits, paused, for enough workers.

@@ -63,6 +63,10 @@ pub enum Error {
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 
+    /// `coordinator status` could not get an answer.
+    #[error("cannot get the status from {url}: {reason}")]
+    StatusQuery { url: String, reason: String },
+
     /// Shut down before training completed.
     #[error("interrupted before training completed")]
     Interrupted,

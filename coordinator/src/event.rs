@@ -10,11 +10,12 @@ pub type Outbox = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 /// arrivals and departures in a single place.
 #[derive(Debug)]
 pub enum Event {
-    /// A registered worker opened its session. `ring_address` is where its ring listener
-    /// is reached (`host:port`), when it has one.
+    /// A registered worker opened its session. `address` is where it registered from;
+    /// `ring_address` is where its ring listener is reached (`host:port`), when it has one.
     Joined {
         worker: WorkerId,
         outbox: Outbox,
+        address: String,
         ring_address: Option<String>,
     },
     /// A worker answered.

@@ -5,20 +5,26 @@
 
 mod averaging;
 mod config;
+mod console;
 mod error;
 mod event;
 mod local_workers;
 mod membership;
 mod metrics;
 mod progress;
+mod prometheus;
 mod resume;
 mod run;
 mod run_dir;
 mod service;
+mod status;
+mod status_command;
 mod trainer;
 
 pub use config::{AllreduceKind, Config, LrDecay};
+pub use console::init_logging;
 pub use error::{Error, Result};
-pub use metrics::{Departure, EpochRecord, JoinRecord};
+pub use metrics::{Departure, EpochRecord, JoinRecord, ProgressRecord, StepTime};
 pub use run::run;
+pub use status_command::{StatusArgs, fetch_status, status_command};
 pub use trainer::Summary;

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 use tokio::{
+    io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
     sync::mpsc,
     task::JoinHandle,
@@ -39,6 +40,11 @@ pub struct LaunchSpec {
     pub tls_ca: Option<PathBuf>,
     /// Passed in the environment, not on the command line, where `ps` would show it.
     pub join_token: Option<JoinToken>,
+    /// The coordinator's own, so that the job's logs have one format.
+    pub log_format: worker::LogFormat,
+    /// Pass the workers' log lines through the coordinator's, which writes them around its
+    /// progress bar; otherwise the workers write to the coordinator's stderr themselves.
+    pub forward_logs: bool,
 }
 
 /// The spawned worker processes; each is watched, and killed if still alive at shutdown.
@@ -141,11 +147,22 @@ impl LocalWorkers {
 /// Starts worker process `index`.
 fn start(spec: &LaunchSpec, index: usize) -> Result<Child> {
     let mut command = worker_command(spec)?;
+    if spec.forward_logs {
+        command.stderr(Stdio::piped());
+    }
     let program = PathBuf::from(command.as_std().get_program());
-    let child = command
+    let mut child = command
         .spawn()
         .map_err(|source| Error::Spawn { program, source })?;
     info!(index, pid = child.id(), "spawned worker process");
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                crate::console::write_line(&line);
+            }
+        });
+    }
     Ok(child)
 }
 
@@ -172,6 +189,7 @@ fn worker_command(spec: &LaunchSpec) -> Result<Command> {
         .arg(spec.threads.to_string())
         // Its ring neighbours are on this machine too.
         .args(["--ring-listen", "127.0.0.1:0"])
+        .args(["--log-format", spec.log_format.name()])
         .stdin(Stdio::null());
     if let Some(ca) = &spec.tls_ca {
         std_command

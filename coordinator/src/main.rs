@@ -15,14 +15,17 @@ struct Cli {
 enum Command {
     /// Run as a worker (what `--workers N` spawns; same flags as the `worker` binary).
     Worker(worker::Config),
+    /// Print a running job's epoch, step, workers and last test accuracy.
+    Status(coordinator::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker(config)) => worker::main_with(config),
+        Some(Command::Status(args)) => coordinator::status_command(args),
         None => {
-            worker::init_tracing("coordinator");
+            coordinator::init_logging(cli.config.log_format);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
             runtime.block_on(coordinate(cli.config))
         }

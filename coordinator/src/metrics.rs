@@ -14,6 +14,13 @@ pub struct EpochRecord {
     pub test_loss: f64,
     /// Fraction of the test set classified correctly after the epoch.
     pub test_accuracy: f64,
+    /// Per class (digit 0 to 9), the fraction of its test images classified correctly, and
+    /// how many test images it has. Absent when a worker that does not count classes (an
+    /// older build) took part in the evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy_per_class: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_samples_per_class: Option<Vec<u64>>,
     /// Training images used in the epoch.
     pub samples: u64,
     /// Test images evaluated.
@@ -35,6 +42,13 @@ pub struct EpochRecord {
     /// The rest of `train_seconds` is averaging, scheduling and waiting.
     #[serde(default)]
     pub comm_seconds: f64,
+    /// The rest of `train_seconds`: the coordinator averaging and scheduling, and the job
+    /// waiting (for workers to be admitted, for a paused job's workers, for a new ring).
+    #[serde(default)]
+    pub wait_seconds: f64,
+    /// The same split as means per step.
+    #[serde(default)]
+    pub step_time: StepTime,
     /// Wall time of the evaluation.
     pub eval_seconds: f64,
     /// Steps in the epoch.
@@ -52,6 +66,41 @@ pub struct EpochRecord {
     /// Workers admitted during the epoch (the initial members are not listed).
     #[serde(default)]
     pub workers_joined: Vec<JoinRecord>,
+}
+
+/// Mean wall time of a step and its parts, in seconds: `seconds` = `compute` + `comm` +
+/// `wait` (see [`EpochRecord::compute_seconds`] and the fields after it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    pub seconds: f64,
+    pub compute: f64,
+    pub comm: f64,
+    pub wait: f64,
+}
+
+/// One line of `progress.jsonl`, written every `--progress-every` seconds while training and
+/// at the end of each epoch's training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRecord {
+    /// Always `"progress"`, so that lines stay recognisable wherever they are copied.
+    pub kind: String,
+    /// Seconds since the job started (across coordinator restarts).
+    pub time: f64,
+    pub epoch: u32,
+    /// Steps done in the epoch, and since the start of the job.
+    pub step: u64,
+    pub global_step: u64,
+    /// Training images used in the epoch so far.
+    pub samples: u64,
+    /// Mean training loss over the images since the previous record of the epoch.
+    pub train_loss: f64,
+    /// Mean training loss of the epoch so far.
+    pub epoch_train_loss: f64,
+    /// Training images per second since the previous record (training time only).
+    pub images_per_sec: f64,
+    pub workers: usize,
+    /// Learning rate of the last step.
+    pub lr: f32,
 }
 
 /// A worker that stopped taking part.

@@ -2,10 +2,13 @@ use crate::{
     Config, Error, Result,
     averaging::{Averaging, ParameterServer},
     config::AllreduceKind,
+    console,
     local_workers::{LaunchSpec, LocalWorkers, WorkerProgram},
+    prometheus,
     resume::{self, Resume, ResumeState},
     run_dir::RunDir,
     service::CoordinatorService,
+    status::{JobStatus, StatusBoard},
     trainer::{Summary, Trainer, TrainerOptions},
 };
 use candle_core::Device;
@@ -22,6 +25,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
+use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
 
 /// How long open connections get to close when the job is over.
@@ -30,9 +34,10 @@ const SERVER_STOP_GRACE: Duration = Duration::from_secs(1);
 /// How long spawned workers get to exit after being told to, before they are killed.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs a whole job on `listener`: loads (or fetches) the data, serves gRPC, spawns local
-/// workers unless they are external, trains, and returns the summary. Cancelling `shutdown`
-/// stops the job with [`Error::Interrupted`] after telling every worker to leave.
+/// Runs a whole job on `listener`: loads (or fetches) the data, serves gRPC (with the
+/// standard health service, SERVING while the job runs), spawns local workers unless they
+/// are external, trains, and returns the summary. Cancelling `shutdown` stops the job with
+/// [`Error::Interrupted`] after telling every worker to leave.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -46,6 +51,14 @@ pub async fn run(
         None => None,
     };
     let token = config.join_token()?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("--metrics-listen {addr}"), e))?,
+        ),
+        None => None,
+    };
     let resume = match &config.resume {
         Some(dir) => Some(Resume::load(
             &dir.join("checkpoints").join(resume::FILE_NAME),
@@ -107,6 +120,19 @@ pub async fn run(
         dataset_digest,
         config_json: serde_json::to_string(&job).expect("job config serialises"),
     };
+    let (board, status) = StatusBoard::new(JobStatus {
+        job_id: spec.job_id.clone(),
+        model: job.model.name().to_string(),
+        allreduce: match config.allreduce {
+            AllreduceKind::Ps => "ps",
+            AllreduceKind::Ring => "ring",
+        }
+        .to_string(),
+        epochs: job.epochs,
+        steps_per_epoch: job.steps_per_epoch(train_len),
+        total_steps: job.total_steps(train_len),
+        ..JobStatus::default()
+    });
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let heartbeat = heartbeat_interval(config.worker_timeout());
     let first_worker_id = resume.as_ref().map_or(1, |r| r.state.next_worker_id);
@@ -116,6 +142,7 @@ pub async fn run(
         events_tx.clone(),
         first_worker_id,
         heartbeat,
+        status.clone(),
     );
     let addr = listener
         .local_addr()
@@ -125,6 +152,10 @@ pub async fn run(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
+    // Not behind the join token: probes (Kubernetes' among them) send no metadata, and the
+    // health of a job is no secret.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::Serving).await;
     let service = InterceptedService::new(
         CoordinatorServer::new(service)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
@@ -140,6 +171,7 @@ pub async fn run(
             .http2_keepalive_interval(Some(config.worker_timeout()))
             .http2_keepalive_timeout(Some(config.worker_timeout()))
             .add_service(service)
+            .add_service(health_service)
             .serve_with_incoming_shutdown(
                 // Accepted sockets do not get the builder's TCP settings: without NODELAY,
                 // Nagle and delayed ACKs add tens of milliseconds to every step.
@@ -148,6 +180,21 @@ pub async fn run(
             ),
     );
     info!(%addr, "coordinator listening");
+    let metrics_server = match metrics_listener {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::io("metrics listener", e))?;
+            info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+            Some(prometheus::spawn(
+                listener,
+                status.clone(),
+                server_stop.clone(),
+            ))
+        }
+        None => None,
+    };
+    let display = console::spawn(status, config.progress_every(), config.log_format);
 
     let local_workers = if config.external_workers {
         None
@@ -168,6 +215,8 @@ pub async fn run(
             ),
             tls_ca: config.tls_ca.clone(),
             join_token: token,
+            log_format: config.log_format,
+            forward_logs: console::shows_bar(config.log_format),
             data_dir,
             threads: config
                 .threads_per_worker
@@ -188,6 +237,7 @@ pub async fn run(
         worker_timeout: config.worker_timeout(),
         pause_timeout: config.pause_timeout(),
         checkpoint_every: config.checkpoint_every,
+        progress_every: config.progress_every(),
     };
     let averaging = match config.allreduce {
         AllreduceKind::Ps => Averaging::ParameterServer(averaging),
@@ -204,8 +254,11 @@ pub async fn run(
         shutdown,
         options,
         resume.map(|r| r.state),
+        board,
     );
     let outcome = trainer.run().await;
+    set_health(&health, ServingStatus::NotServing).await;
+    console::finish(display);
 
     if let Some(workers) = local_workers {
         workers.shutdown(WORKER_EXIT_GRACE).await;
@@ -224,7 +277,21 @@ pub async fn run(
             server.abort();
         }
     }
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     outcome
+}
+
+/// Sets the whole server's health and the coordinator service's.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <CoordinatorServer<CoordinatorService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
 
 /// Refuses a checkpoint that belongs to another model build or dataset.

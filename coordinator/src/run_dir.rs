@@ -1,4 +1,7 @@
-use crate::{Error, Result, metrics::EpochRecord};
+use crate::{
+    Error, Result,
+    metrics::{EpochRecord, ProgressRecord},
+};
 use common::{job::JobConfig, params::ParamSet};
 use serde::Serialize;
 use std::{
@@ -7,10 +10,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// A job's directory: `config.json`, `metrics.jsonl`, `checkpoints/`, `summary.json`.
+/// A job's directory: `config.json`, `metrics.jsonl`, `progress.jsonl`, `checkpoints/`,
+/// `summary.json`.
 pub struct RunDir {
     root: PathBuf,
     metrics: File,
+    progress: File,
 }
 
 /// What is written beside each checkpoint's safetensors file.
@@ -38,15 +43,20 @@ impl RunDir {
         write_json(&root.join("config.json"), job)?;
         let path = root.join("metrics.jsonl");
         let metrics = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let path = root.join(PROGRESS_FILE);
+        let progress = File::create(&path).map_err(|e| Error::io(&path, e))?;
         Ok(RunDir {
             root: root.to_path_buf(),
             metrics,
+            progress,
         })
     }
 
     /// Opens the directory of a job being resumed. `metrics.jsonl` is rewritten to hold
     /// exactly the checkpoint's completed epochs: lines of an epoch that was being finished
     /// when the coordinator died are dropped, since that epoch is finished again.
+    /// `progress.jsonl` is appended to: records of steps done again after the restart
+    /// repeat their `global_step`.
     pub fn reopen(root: &Path, records: &[EpochRecord]) -> Result<RunDir> {
         let path = root.join("metrics.jsonl");
         let mut text = Vec::new();
@@ -61,9 +71,16 @@ impl RunDir {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
+        let path = root.join(PROGRESS_FILE);
+        let progress = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         Ok(RunDir {
             root: root.to_path_buf(),
             metrics,
+            progress,
         })
     }
 
@@ -80,6 +97,17 @@ impl RunDir {
         self.metrics
             .write_all(&line)
             .and_then(|()| self.metrics.flush())
+            .map_err(|e| Error::io(path, e))
+    }
+
+    /// Appends a progress record to `progress.jsonl`, flushed.
+    pub fn progress(&mut self, record: &ProgressRecord) -> Result<()> {
+        let path = self.root.join(PROGRESS_FILE);
+        let mut line = serde_json::to_vec(record).expect("records serialise");
+        line.push(b'\n');
+        self.progress
+            .write_all(&line)
+            .and_then(|()| self.progress.flush())
             .map_err(|e| Error::io(path, e))
     }
 
@@ -110,6 +138,10 @@ impl RunDir {
         write_json(&self.root.join("summary.json"), summary)
     }
 }
+
+/// The running record of training, apart from `metrics.jsonl` so that readers of the epoch
+/// records see one line per epoch, as they always did.
+const PROGRESS_FILE: &str = "progress.jsonl";
 
 /// Writes pretty JSON through a temporary file and a rename, so readers never see half a file.
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {

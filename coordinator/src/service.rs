@@ -1,14 +1,17 @@
-//! The gRPC face of the coordinator: registration, worker sessions and dataset transfer.
-//! Protobuf types stop here; the training loop sees [`Event`]s.
+//! The gRPC face of the coordinator: registration, worker sessions, dataset transfer and the
+//! job's status. Protobuf types stop here; the training loop sees [`Event`]s and publishes
+//! [`JobStatus`] snapshots.
 
 use crate::{
     event::{Event, Report},
     membership::shutdown_message,
+    status::{JobStatus, Phase, WorkerState},
 };
 use common::{dataset::dataset_files, ids::WorkerId};
 use proto::v1::{
-    DatasetChunk, FetchDatasetRequest, JobSpec, RegisterReply, RegisterRequest, WorkerMessage,
-    coordinator_server::Coordinator, worker_message::Kind,
+    DatasetChunk, FetchDatasetRequest, JobPhase, JobSpec, RegisterReply, RegisterRequest,
+    StatusReply, StatusRequest, WorkerMessage, coordinator_server::Coordinator,
+    worker_message::Kind,
 };
 use sha2::{Digest, Sha256};
 use std::{
@@ -22,7 +25,10 @@ use std::{
 };
 use tokio::{
     io::AsyncReadExt,
-    sync::mpsc::{self, error::SendError},
+    sync::{
+        mpsc::{self, error::SendError},
+        watch,
+    },
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -37,22 +43,25 @@ pub struct CoordinatorService {
     data_dir: PathBuf,
     events: mpsc::UnboundedSender<Event>,
     next_id: AtomicU64,
-    /// Registered workers and their ring addresses.
-    registered: Mutex<HashMap<WorkerId, Option<String>>>,
+    /// Registered workers: the address they registered from, their ring address.
+    registered: Mutex<HashMap<WorkerId, (String, Option<String>)>>,
     in_session: Arc<Mutex<HashSet<WorkerId>>>,
     heartbeat_interval: Duration,
+    status: watch::Receiver<JobStatus>,
 }
 
 impl CoordinatorService {
     /// A service for `job`, serving the dataset in `data_dir` and reporting to `events`.
     /// Worker ids start at `first_worker_id` (a resumed job continues its numbering);
-    /// workers are asked for a heartbeat every `heartbeat_interval`.
+    /// workers are asked for a heartbeat every `heartbeat_interval`. `Status` answers from
+    /// `status`.
     pub fn new(
         job: JobSpec,
         data_dir: PathBuf,
         events: mpsc::UnboundedSender<Event>,
         first_worker_id: u64,
         heartbeat_interval: Duration,
+        status: watch::Receiver<JobStatus>,
     ) -> Self {
         CoordinatorService {
             job,
@@ -62,6 +71,7 @@ impl CoordinatorService {
             registered: Mutex::default(),
             in_session: Arc::default(),
             heartbeat_interval,
+            status,
         }
     }
 
@@ -99,10 +109,11 @@ impl Coordinator for CoordinatorService {
         }
         let ring_address = ring_address(&request, peer);
         let worker = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let address = peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
         self.registered
             .lock()
             .expect("poisoned")
-            .insert(worker, ring_address);
+            .insert(worker, (address, ring_address));
         info!(%worker, ?peer, host = %request.hostname, pid = request.pid, device = %request.device, "worker registered");
         Ok(Response::new(RegisterReply {
             worker_id: worker.0,
@@ -126,7 +137,7 @@ impl Coordinator for CoordinatorService {
                 ));
             }
         };
-        let Some(ring_address) = self
+        let Some((address, ring_address)) = self
             .registered
             .lock()
             .expect("poisoned")
@@ -149,6 +160,7 @@ impl Coordinator for CoordinatorService {
         if let Err(SendError(Event::Joined { outbox, .. })) = events.send(Event::Joined {
             worker,
             outbox,
+            address,
             ring_address,
         }) {
             // The training loop has ended: a worker that arrives now is told to leave
@@ -220,6 +232,69 @@ impl Coordinator for CoordinatorService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        // Clone out of the borrow: the training loop's next `send` must not wait on us.
+        let status = self.status.borrow().clone();
+        Ok(Response::new(StatusReply::from(&status)))
+    }
+}
+
+impl From<&JobStatus> for StatusReply {
+    fn from(s: &JobStatus) -> Self {
+        let phase = match s.phase {
+            Phase::WaitingForWorkers => JobPhase::WaitingForWorkers,
+            Phase::Training => JobPhase::Training,
+            Phase::Evaluating => JobPhase::Evaluating,
+            Phase::Paused => JobPhase::Paused,
+            Phase::Done => JobPhase::Done,
+            Phase::Failed => JobPhase::Failed,
+        };
+        StatusReply {
+            job_id: s.job_id.clone(),
+            model: s.model.clone(),
+            allreduce: s.allreduce.clone(),
+            phase: phase.into(),
+            epoch: s.epoch,
+            epochs: s.epochs,
+            step: s.step,
+            steps_per_epoch: s.steps_per_epoch,
+            global_step: s.global_step,
+            total_steps: s.total_steps,
+            images_trained: s.images_trained,
+            train_loss: s.train_loss,
+            images_per_sec: s.images_per_sec,
+            last_step_seconds: s.last_step_seconds,
+            elapsed_seconds: s.elapsed_seconds,
+            evaluated: s.last_test.is_some(),
+            test_accuracy: s.last_test.map_or(0.0, |(accuracy, _)| accuracy),
+            test_loss: s.last_test.map_or(0.0, |(_, loss)| loss),
+            workers: s
+                .workers
+                .iter()
+                .map(|w| proto::v1::WorkerStatus {
+                    worker_id: w.id.0,
+                    address: w.address.clone(),
+                    state: match w.state {
+                        WorkerState::Joining => proto::v1::WorkerState::Joining,
+                        WorkerState::Active => proto::v1::WorkerState::Active,
+                        WorkerState::Evicted => proto::v1::WorkerState::Evicted,
+                        WorkerState::Left => proto::v1::WorkerState::Left,
+                    }
+                    .into(),
+                    reason: w.reason.clone(),
+                    last_step_seconds: w.last_step_seconds,
+                    images_per_sec: w.images_per_sec,
+                    steps: w.steps,
+                    images: w.images,
+                })
+                .collect(),
+            error: s.error.clone(),
+        }
     }
 }
 
@@ -337,6 +412,7 @@ mod tests {
             events,
             1,
             Duration::from_secs(1),
+            watch::channel(JobStatus::default()).1,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -13,19 +13,23 @@ use crate::{
     averaging::{Averaging, Contribution},
     event::{Event, Report},
     membership::{Arrival, Membership, shutdown_message},
-    metrics::{Departure, EpochRecord, JoinRecord},
+    metrics::{Departure, EpochRecord, JoinRecord, ProgressRecord, StepTime},
     progress::EpochProgress,
     resume::{Resume, ResumeState},
     run_dir::{CheckpointMeta, RunDir},
+    status::{Phase, StatusBoard, WorkerState},
 };
 use common::{
+    dataset::CLASSES,
     ids::WorkerId,
     job::JobConfig,
     params::{ParamSet, check_finite},
     seed::derive_seed,
     sharding::{EpochPlan, split_evenly},
 };
-use proto::v1::{ComputeGradient, Evaluate, GradientReport, JobSpec, coordinator_message::Kind};
+use proto::v1::{
+    ComputeGradient, EvalReport, Evaluate, GradientReport, JobSpec, coordinator_message::Kind,
+};
 use serde::Serialize;
 use std::{
     collections::VecDeque,
@@ -37,9 +41,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 mod ring;
-
-/// How often a line of progress is logged within an epoch.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What a finished job reports.
 #[derive(Debug, Clone, Serialize)]
@@ -71,14 +72,56 @@ pub struct TrainerOptions {
     pub pause_timeout: Duration,
     /// Steps between resume checkpoints (0: epoch ends only).
     pub checkpoint_every: u64,
+    /// Time between progress records.
+    pub progress_every: Duration,
 }
 
 /// Sums over a part of the test set.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct EvalSums {
     count: u64,
     loss_sum: f64,
     correct: u64,
+    /// Per class, when every part counted them.
+    classes: Option<([u64; CLASSES], [u64; CLASSES])>,
+}
+
+impl Default for EvalSums {
+    fn default() -> Self {
+        EvalSums {
+            count: 0,
+            loss_sum: 0.0,
+            correct: 0,
+            classes: Some(([0; CLASSES], [0; CLASSES])),
+        }
+    }
+}
+
+impl EvalSums {
+    fn add(&mut self, other: &EvalSums) {
+        self.count += other.count;
+        self.loss_sum += other.loss_sum;
+        self.correct += other.correct;
+        self.classes = match (self.classes, other.classes) {
+            (Some((mut count, mut correct)), Some((more_count, more_correct))) => {
+                for class in 0..CLASSES {
+                    count[class] += more_count[class];
+                    correct[class] += more_correct[class];
+                }
+                Some((count, correct))
+            }
+            _ => None,
+        };
+    }
+}
+
+/// Training sums at the last progress record, to report the stretch since.
+#[derive(Debug, Default, Clone, Copy)]
+struct ProgressMark {
+    epoch: u32,
+    count: u64,
+    loss_sum: f64,
+    train_seconds: f64,
 }
 
 /// What [`Trainer::gather`] makes of one answer.
@@ -129,6 +172,9 @@ pub struct Trainer {
     last_lr: f32,
     /// The workers' ring (`--allreduce ring`).
     ring: ring::RingState,
+    /// What `Status`, the metrics endpoint and the progress display read.
+    board: StatusBoard,
+    mark: ProgressMark,
 }
 
 impl Trainer {
@@ -146,6 +192,7 @@ impl Trainer {
         shutdown: CancellationToken,
         options: TrainerOptions,
         resume: Option<ResumeState>,
+        board: StatusBoard,
     ) -> Self {
         let membership = Membership::new(options.max_workers);
         let (progress, global_step, records, next_worker_id, earlier_seconds) = match resume {
@@ -180,6 +227,8 @@ impl Trainer {
             earlier_seconds,
             last_lr: 0.0,
             ring: ring::RingState::new(global_step),
+            board,
+            mark: ProgressMark::default(),
         }
     }
 
@@ -191,6 +240,15 @@ impl Trainer {
             Ok(_) => "training complete".to_string(),
             Err(e) => format!("job stopped: {e}"),
         };
+        let status = self.board.status_mut();
+        match &outcome {
+            Ok(_) => status.phase = Phase::Done,
+            Err(e) => {
+                status.phase = Phase::Failed;
+                status.error = e.to_string();
+            }
+        }
+        self.publish();
         self.membership.dismiss_all(&reason);
         // Sessions opened from now on are told at once that the job is over (the service
         // sees the queue closed); those whose arrival is still queued are told here, so no
@@ -225,39 +283,43 @@ impl Trainer {
             let epoch = self.progress.epoch;
             let epoch_started = Instant::now();
             let mut last_progress = Instant::now();
+            self.board.status_mut().phase = Phase::Training;
+            self.publish();
             while !self.progress.is_done() && !self.step_limit_reached() {
                 self.last_lr = schedule.at(self.schedule_position());
                 let step_started = Instant::now();
+                let before = (self.progress.compute_seconds, self.progress.comm_seconds);
                 self.step(self.last_lr).await?;
-                self.progress.train_seconds += step_started.elapsed().as_secs_f64();
+                let seconds = step_started.elapsed().as_secs_f64();
+                self.progress.train_seconds += seconds;
+                let status = self.board.status_mut();
+                status.last_step_seconds = seconds;
+                status.last_compute_seconds = self.progress.compute_seconds - before.0;
+                status.last_comm_seconds = self.progress.comm_seconds - before.1;
+                self.publish();
                 let every = self.options.checkpoint_every;
                 if every > 0 && self.global_step.is_multiple_of(every) && !self.progress.is_done() {
                     self.refresh_copy().await?;
                     self.save_resume(started)?;
                 }
-                if last_progress.elapsed() >= PROGRESS_INTERVAL {
+                if last_progress.elapsed() >= self.options.progress_every {
                     last_progress = Instant::now();
-                    info!(
-                        epoch,
-                        step = self.progress.steps,
-                        remaining = self.progress.remaining.len(),
-                        loss = self.progress.mean_loss(),
-                        images_per_sec =
-                            self.progress.count as f64 / self.progress.train_seconds.max(1e-9),
-                        workers = self.membership.len(),
-                        "progress"
-                    );
+                    self.record_progress(started)?;
                 }
             }
+            self.record_progress(started)?;
             // Training of the epoch is done: a restart from here goes straight to evaluation.
             self.refresh_copy().await?;
             self.save_resume(started)?;
+            self.board.status_mut().phase = Phase::Evaluating;
+            self.publish();
             let eval_started = Instant::now();
             let eval = self.evaluate(epoch).await?;
             let eval_seconds = eval_started.elapsed().as_secs_f64();
             let record = self.epoch_record(eval, eval_seconds, epoch_started);
             self.checkpoint(&record)?;
             self.run_dir.record(&record)?;
+            self.board.status_mut().last_test = Some((record.test_accuracy, record.test_loss));
             info!(
                 "epoch {}/{}: train loss {:.4}, test loss {:.4}, test accuracy {:.2}%, {:.0} images/s, {:.1} s{}",
                 epoch,
@@ -324,6 +386,66 @@ impl Trainer {
             + consumed.div_ceil(self.job.global_batch()) as u64
     }
 
+    /// Appends a progress record covering the steps since the previous one.
+    fn record_progress(&mut self, started: Instant) -> Result<()> {
+        let p = &self.progress;
+        let mark = if self.mark.epoch == p.epoch {
+            self.mark
+        } else {
+            ProgressMark {
+                epoch: p.epoch,
+                ..ProgressMark::default()
+            }
+        };
+        let count = p.count - mark.count;
+        if count == 0 {
+            return Ok(());
+        }
+        let record = ProgressRecord {
+            kind: "progress".into(),
+            time: self.earlier_seconds + started.elapsed().as_secs_f64(),
+            epoch: p.epoch,
+            step: p.steps,
+            global_step: self.global_step,
+            samples: p.count,
+            train_loss: (p.loss_sum - mark.loss_sum) / count.max(1) as f64,
+            epoch_train_loss: p.mean_loss(),
+            images_per_sec: count as f64 / (p.train_seconds - mark.train_seconds).max(1e-9),
+            workers: self.membership.len(),
+            lr: self.last_lr,
+        };
+        self.mark = ProgressMark {
+            epoch: p.epoch,
+            count: p.count,
+            loss_sum: p.loss_sum,
+            train_seconds: p.train_seconds,
+        };
+        self.run_dir.progress(&record)
+    }
+
+    /// Publishes the job's figures with the current membership.
+    fn publish(&mut self) {
+        let p = &self.progress;
+        let done = |f: fn(&EpochRecord) -> f64| self.records.iter().map(f).sum::<f64>();
+        let (train, compute, comm) = (
+            done(|r| r.train_seconds) + p.train_seconds,
+            done(|r| r.compute_seconds) + p.compute_seconds,
+            done(|r| r.comm_seconds) + p.comm_seconds,
+        );
+        let images_before: u64 = self.records.iter().map(|r| r.samples).sum();
+        let status = self.board.status_mut();
+        status.epoch = p.epoch.min(self.job.epochs);
+        status.step = p.steps;
+        status.global_step = self.global_step;
+        status.images_trained = images_before + p.count;
+        status.train_loss = p.mean_loss();
+        status.images_per_sec = p.count as f64 / p.train_seconds.max(1e-9);
+        status.train_seconds = train;
+        status.compute_seconds = compute;
+        status.comm_seconds = comm;
+        self.board.publish(&self.membership.ids());
+    }
+
     fn epoch_record(
         &self,
         eval: EvalSums,
@@ -331,12 +453,20 @@ impl Trainer {
         epoch_started: Instant,
     ) -> EpochRecord {
         let p = &self.progress;
+        let steps = p.steps.max(1) as f64;
+        let wait = (p.train_seconds - p.compute_seconds - p.comm_seconds).max(0.0);
         EpochRecord {
             epoch: p.epoch,
             train_loss: p.mean_loss(),
             train_accuracy: p.correct as f64 / p.count.max(1) as f64,
             test_loss: eval.loss_sum / eval.count.max(1) as f64,
             test_accuracy: eval.correct as f64 / eval.count.max(1) as f64,
+            test_accuracy_per_class: eval.classes.map(|(count, correct)| {
+                (0..CLASSES)
+                    .map(|c| correct[c] as f64 / count[c].max(1) as f64)
+                    .collect()
+            }),
+            test_samples_per_class: eval.classes.map(|(count, _)| count.to_vec()),
             samples: p.count,
             test_samples: eval.count,
             workers: self.membership.len(),
@@ -345,6 +475,13 @@ impl Trainer {
             train_seconds: p.train_seconds,
             compute_seconds: p.compute_seconds,
             comm_seconds: p.comm_seconds,
+            wait_seconds: wait,
+            step_time: StepTime {
+                seconds: p.train_seconds / steps,
+                compute: p.compute_seconds / steps,
+                comm: p.comm_seconds / steps,
+                wait: wait / steps,
+            },
             eval_seconds,
             steps: p.steps,
             global_step: self.global_step,
@@ -362,12 +499,16 @@ impl Trainer {
             "waiting for {wanted} worker{}",
             if wanted == 1 { "" } else { "s" }
         );
+        self.board.status_mut().phase = Phase::WaitingForWorkers;
+        self.publish();
         while self.membership.len() < wanted {
             let event = self.next_event().await?;
             self.on_event(event);
             for worker in self.membership.admit() {
                 info!(%worker, "joined ({}/{wanted})", self.membership.len());
+                self.board.admitted(worker);
             }
+            self.publish();
         }
         Ok(())
     }
@@ -381,6 +522,8 @@ impl Trainer {
             return Ok(());
         }
         let paused = Instant::now();
+        let phase = std::mem::replace(&mut self.board.status_mut().phase, Phase::Paused);
+        self.publish();
         warn!(
             "paused: {} of the {min} workers needed; waiting up to {:.0} s for more",
             self.membership.len(),
@@ -400,7 +543,10 @@ impl Trainer {
             };
             self.on_event(event);
             self.admit_waiting();
+            self.publish();
         }
+        self.board.status_mut().phase = phase;
+        self.publish();
         info!(
             "resumed with {} workers after {:.1} s",
             self.membership.len(),
@@ -421,6 +567,7 @@ impl Trainer {
                 worker: worker.to_string(),
                 step: self.global_step,
             });
+            self.board.admitted(worker);
         }
     }
 
@@ -491,10 +638,11 @@ impl Trainer {
         p.compute_seconds += compute;
         // Requests and gradients in transit, beyond the slowest worker's computing.
         p.comm_seconds += (gather_started.elapsed().as_secs_f64() - compute).max(0.0);
-        for (_, c) in &contributions {
+        for (worker, c) in &contributions {
             p.count += c.count;
             p.loss_sum += c.loss_sum;
             p.correct += c.correct;
+            self.board.worker_step(*worker, c.count, c.compute_seconds);
         }
         self.averaging.apply(&contributions, lr)?;
         self.step_counted();
@@ -550,7 +698,7 @@ impl Trainer {
                                 && e.start == round[rank].1.start as u64
                                 && e.end == round[rank].1.end as u64 =>
                         {
-                            judge_eval(e.count, e.loss_sum, e.correct, round[rank].1.len())
+                            judge_eval(&e, round[rank].1.len())
                         }
                         _ => Verdict::Ignore,
                     },
@@ -558,11 +706,7 @@ impl Trainer {
                 .await?;
             for ((_, answer), (_, range)) in gathered.slots.into_iter().zip(round) {
                 match answer {
-                    Some(sums) => {
-                        total.count += sums.count;
-                        total.loss_sum += sums.loss_sum;
-                        total.correct += sums.correct;
-                    }
+                    Some(sums) => total.add(&sums),
                     None => pending.push_back(range),
                 }
             }
@@ -688,11 +832,15 @@ impl Trainer {
             Event::Joined {
                 worker,
                 outbox,
+                address,
                 ring_address,
             } => {
                 self.next_worker_id = self.next_worker_id.max(worker.0 + 1);
                 match self.membership.arrive(worker, outbox, ring_address) {
-                    Arrival::Waiting => debug!(%worker, "arrived; waits for the next step"),
+                    Arrival::Waiting => {
+                        debug!(%worker, "arrived; waits for the next step");
+                        self.board.arrived(worker, address);
+                    }
                     Arrival::TurnedAway => {
                         warn!(%worker, "turned away: the job has --max-workers workers");
                     }
@@ -702,6 +850,7 @@ impl Trainer {
                 if self.membership.remove(worker) {
                     self.record_loss(worker, &reason);
                 }
+                self.board.departed(worker, WorkerState::Left, &reason);
             }
             Event::ProcessExited {
                 index,
@@ -729,6 +878,7 @@ impl Trainer {
         if self.membership.contains(worker) {
             self.membership.evict(worker, reason, may_rejoin);
             self.record_loss(worker, reason);
+            self.board.departed(worker, WorkerState::Evicted, reason);
         }
     }
 
@@ -857,18 +1007,54 @@ fn judge_gradient(report: GradientReport, expected: usize, len: usize) -> Verdic
     })
 }
 
-fn judge_eval(count: u64, loss_sum: f64, correct: u64, expected: usize) -> Verdict<EvalSums> {
+/// Checks evaluation sums against the range asked for; per-class counts, when the worker
+/// sends them, must add up to its totals.
+fn judge_eval(report: &EvalReport, expected: usize) -> Verdict<EvalSums> {
+    let &EvalReport {
+        count,
+        loss_sum,
+        correct,
+        ..
+    } = report;
+    let classes = match (report.class_count.len(), report.class_correct.len()) {
+        (0, 0) => None,
+        (CLASSES, CLASSES) => {
+            let mut counts = [0; CLASSES];
+            let mut corrects = [0; CLASSES];
+            counts.copy_from_slice(&report.class_count);
+            corrects.copy_from_slice(&report.class_correct);
+            Some((counts, corrects))
+        }
+        (n, m) => {
+            return Verdict::Refuse {
+                problem: format!("per-class sums of {n} and {m} classes, the data has {CLASSES}"),
+                non_finite: false,
+            };
+        }
+    };
+    let class_problem = classes.and_then(|(counts, corrects)| {
+        if counts.iter().sum::<u64>() != count || corrects.iter().sum::<u64>() != correct {
+            Some("per-class sums do not add up to the totals".to_string())
+        } else if counts.iter().zip(&corrects).any(|(n, c)| c > n) {
+            Some("a class with more correct images than images".to_string())
+        } else {
+            None
+        }
+    });
     let problem = if count != expected as u64 {
         format!("evaluated {count} images, {expected} were assigned")
     } else if !loss_sum.is_finite() || loss_sum < 0.0 {
         format!("test loss sum {loss_sum} is not a finite non-negative number")
     } else if correct > count {
         format!("{correct} correct out of {count} images")
+    } else if let Some(problem) = class_problem {
+        problem
     } else {
         return Verdict::Accept(EvalSums {
             count,
             loss_sum,
             correct,
+            classes,
         });
     };
     Verdict::Refuse {
@@ -949,9 +1135,21 @@ mod tests {
         assert!(problem.contains("gradient"), "{problem}");
     }
 
+    fn eval(count: u64, loss_sum: f64, correct: u64) -> EvalReport {
+        EvalReport {
+            count,
+            loss_sum,
+            correct,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn evaluation_sums_must_fit_the_range() {
-        assert!(matches!(judge_eval(10, 2.0, 9, 10), Verdict::Accept(_)));
+        assert!(matches!(
+            judge_eval(&eval(10, 2.0, 9), 10),
+            Verdict::Accept(EvalSums { classes: None, .. })
+        ));
         for (count, loss, correct) in [
             (11, 2.0, 9),
             (10, f64::NAN, 9),
@@ -959,9 +1157,50 @@ mod tests {
             (10, 2.0, 11),
         ] {
             assert!(
-                matches!(judge_eval(count, loss, correct, 10), Verdict::Refuse { .. }),
+                matches!(
+                    judge_eval(&eval(count, loss, correct), 10),
+                    Verdict::Refuse { .. }
+                ),
                 "{count} {loss} {correct}"
             );
         }
+    }
+
+    #[test]
+    fn per_class_sums_must_add_up_and_an_older_worker_drops_them_for_the_epoch() {
+        let with_classes = |counts: Vec<u64>, corrects: Vec<u64>| EvalReport {
+            class_count: counts,
+            class_correct: corrects,
+            ..eval(10, 2.0, 9)
+        };
+        let good = with_classes(vec![1; 10], [vec![0], vec![1; 9]].concat());
+        let Verdict::Accept(first) = judge_eval(&good, 10) else {
+            panic!("refused");
+        };
+        assert_eq!(first.classes.map(|(_, c)| c[0]), Some(0));
+        for (bad, named) in [
+            (with_classes(vec![1; 9], vec![1; 9]), "9 and 9 classes"),
+            (with_classes(vec![2; 10], vec![1; 10]), "add up"),
+            (
+                with_classes(
+                    [vec![0, 2], vec![1; 8]].concat(),
+                    [vec![1, 0], vec![1; 8]].concat(),
+                ),
+                "more correct",
+            ),
+        ] {
+            match judge_eval(&bad, 10) {
+                Verdict::Refuse { problem, .. } => assert!(problem.contains(named), "{problem}"),
+                _ => panic!("accepted {bad:?}"),
+            }
+        }
+        let mut total = EvalSums::default();
+        total.add(&first);
+        assert_eq!(total.classes.map(|(n, _)| n.iter().sum::<u64>()), Some(10));
+        let Verdict::Accept(older) = judge_eval(&eval(10, 2.0, 9), 10) else {
+            panic!("refused");
+        };
+        total.add(&older);
+        assert_eq!((total.count, total.classes.is_none()), (20, true));
     }
 }

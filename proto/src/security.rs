@@ -839,6 +839,13 @@ mod tests {
         ) -> Result<Response<Self::FetchDatasetStream>, Status> {
             Err(Status::unimplemented("not served in this test"))
         }
+
+        async fn status(
+            &self,
+            _request: Request<crate::v1::StatusRequest>,
+        ) -> Result<Response<crate::v1::StatusReply>, Status> {
+            Err(Status::unimplemented("not served in this test"))
+        }
     }
 
     struct TestServer {

@@ -1,3 +1,4 @@
+use crate::LogFormat;
 use clap::Args;
 use proto::security::{ClientTls, JoinToken, SecurityError};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -63,6 +64,10 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_RING_HOST")]
     pub ring_host: Option<String>,
 
+    /// How log lines are written: text, or json (one object per line).
+    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Fault injection for tests: exit with status 1 after computing this many gradients.
     #[arg(long, env = "LOCKSTEP_FAIL_AFTER_STEPS", hide = true)]
     pub fail_after_steps: Option<u64>,
@@ -85,6 +90,7 @@ impl Config {
             tls_key: None,
             ring_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             ring_host: None,
+            log_format: LogFormat::Text,
             fail_after_steps: None,
         }
     }

@@ -63,19 +63,12 @@ impl Executor {
                 range.start, range.end
             )));
         }
-        let mut total = EvalSums {
-            loss_sum: 0.0,
-            correct: 0,
-            count: 0,
-        };
+        let mut total = EvalSums::default();
         let mut start = range.start;
         while start < range.end {
             let end = (start + EVAL_CHUNK).min(range.end);
             let (images, labels) = self.dataset.test.range_batch(start..end, &self.device)?;
-            let sums = self.replica.evaluate(parameters, &images, &labels)?;
-            total.loss_sum += sums.loss_sum;
-            total.correct += sums.correct;
-            total.count += sums.count;
+            total.add(&self.replica.evaluate(parameters, &images, &labels)?);
             start = end;
         }
         Ok(total)

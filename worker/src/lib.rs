@@ -15,5 +15,5 @@ mod transfer;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use executor::Executor;
-pub use process::{init_tracing, main_with, shutdown_on_signals};
+pub use process::{LogFormat, init_tracing, init_tracing_to, main_with, shutdown_on_signals};
 pub use session::run;

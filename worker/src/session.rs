@@ -338,6 +338,8 @@ fn answer(engine: &mut Engine, command: Command) -> Result<Kind> {
                 correct: sums.correct,
                 start: evaluate.start,
                 end: evaluate.end,
+                class_count: sums.class_count.to_vec(),
+                class_correct: sums.class_correct.to_vec(),
             }))
         }
         Command::Shutdown(_) | Command::Evicted(_) => unreachable!("handled by the caller"),

@@ -128,6 +128,13 @@ impl Trainer {
             p.loss_sum += answer.report.loss_sum;
             p.correct += answer.report.correct;
         }
+        for (worker, answer) in &gathered.slots {
+            if let Some(answer) = answer {
+                let report = &answer.report;
+                self.board
+                    .worker_step(*worker, report.count, report.compute_seconds);
+            }
+        }
         self.ring.failures = 0;
         self.step_counted();
         Ok(())

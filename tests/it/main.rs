@@ -9,4 +9,5 @@ mod fetch;
 mod procs;
 mod ring;
 mod security;
+mod status;
 mod support;

@@ -1,7 +1,7 @@
 //! `--metrics-listen`: the job's figures in the Prometheus text exposition format (0.0.4) at
 //! `GET /metrics`, rendered from the latest [`JobStatus`] snapshot on every scrape.
 
-use crate::status::{JobStatus, Phase, WorkerState};
+use crate::status::{JobStatus, Phase, WorkerState, WorkerStatus};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
@@ -257,7 +257,7 @@ pub fn render(s: &JobStatus) -> String {
             1.0,
         );
     }
-    let per_worker: [(&str, &str, &str, fn(&crate::status::WorkerStatus) -> f64); 3] = [
+    let per_worker: [(&str, &str, &str, WorkerFigure); 3] = [
         (
             "lockstep_worker_images_per_second",
             "gauge",
@@ -285,6 +285,9 @@ pub fn render(s: &JobStatus) -> String {
     }
     out.text
 }
+
+/// One figure of a worker, for a family with a sample per worker.
+type WorkerFigure = fn(&WorkerStatus) -> f64;
 
 /// The text being built.
 #[derive(Default)]
@@ -335,7 +338,6 @@ fn number(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::WorkerStatus;
     use common::ids::WorkerId;
 
     #[test]

@@ -110,3 +110,67 @@ fn unusable_tls_and_token_settings_are_named() -> anyhow::Result<()> {
     assert!(stderr.contains("https://"), "{stderr}");
     Ok(())
 }
+
+/// `coordinator status` reaches a coordinator that serves TLS with a join token the way a
+/// worker does: with the CA and the token, and only with them. The job waits for an external
+/// worker that never comes, so it is still running whenever the command asks.
+#[test]
+fn status_over_tls_needs_the_ca_and_the_token() -> anyhow::Result<()> {
+    use crate::procs::{Procs, field};
+    init_logging();
+    let pki = tempfile::tempdir()?;
+    write_certificates(pki.path())?;
+    let run_dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let mut command = Command::new(binary("coordinator"));
+    command
+        .args([
+            "--workers",
+            "1",
+            "--external-workers",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(mnist_dir())
+        .arg("--run-dir")
+        .arg(run_dir.path())
+        .arg("--tls-cert")
+        .arg(pki.path().join("server.pem"))
+        .arg("--tls-key")
+        .arg(pki.path().join("server.key"))
+        .env("LOCKSTEP_JOIN_TOKEN", "correct-horse-battery-staple");
+    let coordinator = procs.spawn("coordinator", command);
+    let line = coordinator.log.wait_for("coordinator listening");
+    let addr = field(&line.text, "addr").expect("an addr field");
+    let port = addr.rsplit(':').next().expect("a port");
+    let url = format!("https://localhost:{port}");
+    let status = |token: Option<&str>, ca: bool| -> anyhow::Result<(bool, String)> {
+        let mut command = Command::new(binary("coordinator"));
+        command.args(["status", "--coordinator", &url]);
+        if ca {
+            command.arg("--tls-ca").arg(pki.path().join("ca.pem"));
+        }
+        if let Some(token) = token {
+            command.env("LOCKSTEP_JOIN_TOKEN", token);
+        }
+        let output = command.output()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        Ok((output.status.success(), text))
+    };
+
+    info!("--- with the CA and the token");
+    let (ok, text) = status(Some("correct-horse-battery-staple"), true)?;
+    assert!(ok, "{text}");
+    assert!(text.contains("waiting for workers"), "{text}");
+
+    info!("--- without the token, with a wrong one, without the CA");
+    let (ok, text) = status(None, true)?;
+    assert!(!ok && text.contains("missing join token"), "{text}");
+    let (ok, text) = status(Some("wrong"), true)?;
+    assert!(!ok && text.contains("wrong join token"), "{text}");
+    let (ok, text) = status(Some("correct-horse-battery-staple"), false)?;
+    assert!(!ok && text.contains("--tls-ca"), "{text}");
+    Ok(())
+}

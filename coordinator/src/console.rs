@@ -134,10 +134,10 @@ async fn log_lines(status: watch::Receiver<JobStatus>, every: Duration, format: 
         if s.is_over() || status.has_changed().is_err() {
             break;
         }
-        let eta = rate.eta(&s);
         if s.phase != Phase::Training || last_step == Some(s.global_step) {
             continue;
         }
+        let eta = rate.eta(&s);
         last_step = Some(s.global_step);
         let percent = 100.0 * s.step as f64 / s.steps_per_epoch.max(1) as f64;
         let line = format!(
@@ -188,7 +188,7 @@ fn summary(s: &JobStatus) -> String {
 }
 
 /// The job's pace as seen from here, evaluation included: steps per second since the first
-/// snapshot in training.
+/// line.
 #[derive(Default)]
 struct StepRate {
     first: Option<(Instant, u64)>,

@@ -5,7 +5,7 @@ use std::{process::Command, time::Instant};
 use tracing::info;
 
 /// `coordinator --workers 2` spawns two worker processes, trains the MLP over gRPC on real
-/// MNIST and writes metrics and checkpoints.
+/// MNIST, writes metrics and checkpoints, and logs its progress in plain lines.
 #[test]
 fn two_worker_processes_train_mlp_past_95_percent() -> anyhow::Result<()> {
     init_logging();
@@ -13,6 +13,7 @@ fn two_worker_processes_train_mlp_past_95_percent() -> anyhow::Result<()> {
     let started = Instant::now();
     let output = Command::new(binary("coordinator"))
         .args(["--workers", "2", "--model", "mlp", "--epochs", "2"])
+        .args(["--progress-every", "0.2"])
         .arg("--data-dir")
         .arg(mnist_dir())
         .arg("--run-dir")
@@ -22,6 +23,12 @@ fn two_worker_processes_train_mlp_past_95_percent() -> anyhow::Result<()> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "coordinator failed:\n{stderr}");
     println!("{stdout}wall time {:.1} s", started.elapsed().as_secs_f64());
+    // Piped stderr is no terminal: plain progress lines instead of a bar.
+    let progress = stderr
+        .lines()
+        .filter(|line| line.contains("progress: epoch ") && line.contains(" images/s"))
+        .count();
+    assert!(progress > 0, "no progress line:\n{stderr}");
 
     let metrics = std::fs::read_to_string(run_dir.path().join("metrics.jsonl"))?;
     let records: Vec<serde_json::Value> = metrics

@@ -192,7 +192,7 @@ impl Trainer {
         shutdown: CancellationToken,
         options: TrainerOptions,
         resume: Option<ResumeState>,
-        board: StatusBoard,
+        mut board: StatusBoard,
     ) -> Self {
         let membership = Membership::new(options.max_workers);
         let (progress, global_step, records, next_worker_id, earlier_seconds) = match resume {
@@ -208,6 +208,8 @@ impl Trainer {
                 (EpochProgress::new(1, &plan), 0, Vec::new(), 1, 0.0)
             }
         };
+        // A resumed job has evaluated epochs already.
+        board.status_mut().last_test = records.last().map(|r| (r.test_accuracy, r.test_loss));
         Trainer {
             job,
             spec,

@@ -8,7 +8,7 @@ use crate::procs::{
     Cluster, Job, Line, Log, Proc, Procs, WAIT, baseline, epoch_checkpoint, field, free_addr,
     metrics, worker_id,
 };
-use crate::support::{init_logging, mnist_dir};
+use crate::support::{binary, init_logging, mnist_dir};
 use libc::{SIGCONT, SIGKILL, SIGSTOP, SIGTERM};
 use proto::v1::{
     CoordinatorMessage, Evicted, GradientReport, Heartbeat, Hello, RegisterRequest, Shutdown,
@@ -852,6 +852,33 @@ fn below_min_workers_the_job_pauses_until_a_worker_arrives() -> anyhow::Result<(
         .filter(|l| l.index > paused.index)
         .count();
     assert_eq!(steps_while_paused, 0, "the job trained while paused");
+
+    info!("--- coordinator status: paused, one worker active, the killed one gone");
+    let victim_id = cluster.worker_id(&victim);
+    let output = std::process::Command::new(binary("coordinator"))
+        .args(["status", "--json", "--coordinator", &cluster.url])
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(status["phase"], "paused", "{status}");
+    let workers = status["workers"].as_array().expect("a list of workers");
+    let active = workers.iter().filter(|w| w["state"] == "active").count();
+    assert_eq!(active, 1, "{status}");
+    let gone = workers
+        .iter()
+        .find(|w| format!("w{}", w["worker_id"]) == victim_id)
+        .unwrap_or_else(|| panic!("{victim_id} not listed: {status}"));
+    assert_eq!(gone["state"], "left", "{status}");
+    assert!(
+        gone["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("session")),
+        "{status}"
+    );
 
     info!("--- a new worker arrives and the job carries on");
     let started = Instant::now();

@@ -6,7 +6,7 @@ use crate::{
     resume::{self, Resume, ResumeState},
     run_dir::RunDir,
     service::CoordinatorService,
-    trainer::{Summary, Trainer, TrainerOptions},
+    trainer::{Summary, Trainer, TrainerOptions, Transport},
 };
 use candle_core::Device;
 use common::{
@@ -116,7 +116,8 @@ pub async fn run(
         events_tx.clone(),
         first_worker_id,
         heartbeat,
-    );
+    )
+    .require_nccl(config.allreduce == AllreduceKind::Nccl);
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
@@ -167,6 +168,7 @@ pub async fn run(
                 loopback_if_unspecified(addr)
             ),
             tls_ca: config.tls_ca.clone(),
+            device: config.worker_device.clone(),
             join_token: token,
             data_dir,
             threads: config
@@ -188,10 +190,14 @@ pub async fn run(
         worker_timeout: config.worker_timeout(),
         pause_timeout: config.pause_timeout(),
         checkpoint_every: config.checkpoint_every,
+        transport: match config.allreduce {
+            AllreduceKind::Nccl => Transport::Nccl,
+            AllreduceKind::Ps | AllreduceKind::Ring => Transport::Tcp,
+        },
     };
     let averaging = match config.allreduce {
         AllreduceKind::Ps => Averaging::ParameterServer(averaging),
-        AllreduceKind::Ring => Averaging::Ring(averaging),
+        AllreduceKind::Ring | AllreduceKind::Nccl => Averaging::Ring(averaging),
     };
     let trainer = Trainer::new(
         job,

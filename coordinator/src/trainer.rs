@@ -38,6 +38,8 @@ use tracing::{debug, info, warn};
 
 mod ring;
 
+pub use ring::Transport;
+
 /// How often a line of progress is logged within an epoch.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -71,6 +73,8 @@ pub struct TrainerOptions {
     pub pause_timeout: Duration,
     /// Steps between resume checkpoints (0: epoch ends only).
     pub checkpoint_every: u64,
+    /// How ring workers sum their gradients (ring jobs only).
+    pub transport: Transport,
 }
 
 /// Sums over a part of the test set.

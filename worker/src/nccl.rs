@@ -22,8 +22,9 @@ mod enabled {
     use candle_core::Device;
     use cudarc::{
         driver::CudaSlice,
-        nccl::{Comm, Id, ReduceOp},
+        nccl::{Comm, Id, ReduceOp, result::NcclError, sys},
     };
+    use std::ffi::CStr;
 
     /// One generation's communicator, from this worker's seat.
     pub struct NcclRing {
@@ -42,7 +43,7 @@ mod enabled {
     /// A fresh NCCL unique id. It starts NCCL's bootstrap root in this process, which lives
     /// as long as the process does.
     pub fn unique_id() -> Result<Vec<u8>, String> {
-        let id = Id::new().map_err(|e| format!("ncclGetUniqueId failed: {e:?}"))?;
+        let id = Id::new().map_err(|e| format!("ncclGetUniqueId failed: {}", describe(e)))?;
         Ok(id.internal().iter().map(|&b| b as u8).collect())
     }
 
@@ -67,15 +68,20 @@ mod enabled {
                 .try_into()
                 .map_err(|_| format!("an NCCL id of {} bytes, {ID_BYTES} expected", id.len()))?;
             let comm = Comm::from_rank(cuda.cuda_stream(), rank, size, Id::uninit(internal))
-                .map_err(|e| format!("ncclCommInitRank (rank {rank} of {size}) failed: {e:?}"))?;
+                .map_err(|e| {
+                    format!(
+                        "ncclCommInitRank (rank {rank} of {size}) failed: {}",
+                        describe(e)
+                    )
+                })?;
             Ok(NcclRing { comm, buffer: None })
         }
 
         /// Sums `data` over the communicator, in place.
         pub fn allreduce_sum(&mut self, data: &mut [f32]) -> Result<(), String> {
             let stream = self.comm.stream();
-            let fail = |what: &str, e: &dyn std::fmt::Debug| {
-                format!("NCCL all-reduce: {what} failed: {e:?}")
+            let fail = |what: &str, e: &dyn std::fmt::Display| {
+                format!("NCCL all-reduce: {what} failed: {e}")
             };
             let buffer = match self.buffer.take() {
                 Some(buffer) if buffer.len() == data.len() => buffer,
@@ -89,12 +95,25 @@ mod enabled {
                 .map_err(|e| fail("copy to the device", &e))?;
             self.comm
                 .all_reduce_in_place(buffer, &ReduceOp::Sum)
-                .map_err(|e| fail("ncclAllReduce", &e))?;
+                .map_err(|e| fail("ncclAllReduce", &describe(e)))?;
             stream
                 .memcpy_dtoh(buffer, data)
                 .map_err(|e| fail("copy to the host", &e))?;
             stream.synchronize().map_err(|e| fail("synchronising", &e))
         }
+    }
+
+    /// NCCL's name for `error` and its last message (e.g. "Duplicate GPU detected").
+    fn describe(error: NcclError) -> String {
+        // SAFETY: both return pointers to static or thread-local NUL-terminated strings
+        // (a null communicator asks for the last error of this thread).
+        let (name, last) = unsafe {
+            (
+                CStr::from_ptr(sys::ncclGetErrorString(error.0)),
+                CStr::from_ptr(sys::ncclGetLastError(std::ptr::null_mut())),
+            )
+        };
+        format!("{} ({})", name.to_string_lossy(), last.to_string_lossy())
     }
 }
 

@@ -158,10 +158,19 @@ impl Trainer {
         }
         self.ring.failures += 1;
         if self.ring.failures >= MAX_RING_FAILURES {
+            let advice = match self.options.transport {
+                Transport::Tcp => {
+                    "check that the workers reach each other's ring listeners (--ring-listen, \
+                     --ring-host), or use --allreduce ps"
+                }
+                Transport::Nccl => {
+                    "check the workers' NCCL set-up (one GPU per worker: NCCL refuses two ranks on \
+                     one device; NCCL_DEBUG=INFO in the workers' environment tells more), or use \
+                     --allreduce ring"
+                }
+            };
             return Err(Error::Ring(format!(
-                "failed {} times in a row with every worker still present ({}); check that the \
-                 workers reach each other's ring listeners (--ring-listen, --ring-host), or use \
-                 --allreduce ps",
+                "failed {} times in a row with every worker still present ({}); {advice}",
                 self.ring.failures,
                 errors.join("; ")
             )));

@@ -28,7 +28,8 @@ pub struct Config {
 
     /// How gradients are averaged: `ps`, the coordinator as parameter server; `ring`, the
     /// workers among themselves over a TCP ring (each worker's --ring-listen port must be
-    /// reachable from the others).
+    /// reachable from the others); `nccl`, the workers with NCCL on their CUDA devices
+    /// (workers built with the `nccl` feature, run with --device cuda:N).
     #[arg(long, env = "LOCKSTEP_ALLREDUCE", value_enum, default_value_t = AllreduceKind::Ps)]
     pub allreduce: AllreduceKind,
 
@@ -93,6 +94,10 @@ pub struct Config {
     /// Where metrics and checkpoints go [default: runs/<model>-<time>].
     #[arg(long, env = "LOCKSTEP_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
+
+    /// Where spawned workers compute: cpu, or cuda:N (a build with the `cuda` feature).
+    #[arg(long, env = "LOCKSTEP_WORKER_DEVICE", default_value = "cpu")]
+    pub worker_device: String,
 
     /// Compute threads of each spawned worker [default: cores / workers, at least 1].
     #[arg(long, env = "LOCKSTEP_THREADS_PER_WORKER")]
@@ -180,6 +185,8 @@ pub enum AllreduceKind {
     Ps,
     /// The workers sum their gradients over a TCP ring and apply the update themselves.
     Ring,
+    /// As `ring`, but the workers sum with NCCL on their CUDA devices.
+    Nccl,
 }
 
 /// Learning-rate decay after warm-up.
@@ -213,6 +220,7 @@ impl Default for Config {
             max_steps: None,
             data_dir: None,
             run_dir: None,
+            worker_device: "cpu".into(),
             threads_per_worker: None,
             worker_bin: None,
             min_workers: 1,
@@ -305,6 +313,21 @@ impl Config {
                  (or use --external-workers)"
                     .into(),
             ));
+        }
+        if self.allreduce == AllreduceKind::Nccl && !self.external_workers {
+            if !cfg!(feature = "nccl") {
+                return Err(Error::Config(
+                    "--allreduce nccl: this coordinator was built without NCCL, and so are the \
+                     workers it spawns (build with --features nccl, or use --external-workers)"
+                        .into(),
+                ));
+            }
+            if !self.worker_device.starts_with("cuda:") {
+                return Err(Error::Config(format!(
+                    "--allreduce nccl needs CUDA workers: --worker-device cuda:N, got {}",
+                    self.worker_device
+                )));
+            }
         }
         self.join_token()?;
         self.job().validate()?;

@@ -1,5 +1,5 @@
 use common::ids::WorkerId;
-use proto::v1::{CoordinatorMessage, EvalReport, GradientReport, ModelState, RingReady};
+use proto::v1::{CoordinatorMessage, EvalReport, GradientReport, ModelState, NcclId, RingReady};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -40,6 +40,8 @@ pub enum Report {
     Eval(EvalReport),
     /// Its ring is connected, or why not.
     RingReady(RingReady),
+    /// The NCCL unique id of a new generation, or why it has none (as rank 0).
+    NcclId(NcclId),
     /// Its replica, as asked for.
     State(ModelState),
     /// It could not do what it was asked.

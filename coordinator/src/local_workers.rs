@@ -36,6 +36,8 @@ pub struct LaunchSpec {
     pub coordinator_url: String,
     pub data_dir: PathBuf,
     pub threads: usize,
+    /// `--device` of each worker: cpu or cuda:N.
+    pub device: String,
     /// CA the workers check the coordinator's certificate with, when it serves TLS.
     pub tls_ca: Option<PathBuf>,
     /// Passed in the environment, not on the command line, where `ps` would show it.
@@ -187,6 +189,8 @@ fn worker_command(spec: &LaunchSpec) -> Result<Command> {
         .arg(absolute(&spec.data_dir))
         .arg("--threads")
         .arg(spec.threads.to_string())
+        .arg("--device")
+        .arg(&spec.device)
         // Its ring neighbours are on this machine too.
         .args(["--ring-listen", "127.0.0.1:0"])
         .args(["--log-format", spec.log_format.name()])

@@ -9,7 +9,7 @@ use crate::{
     run_dir::RunDir,
     service::CoordinatorService,
     status::{JobStatus, StatusBoard},
-    trainer::{Summary, Trainer, TrainerOptions},
+    trainer::{Summary, Trainer, TrainerOptions, Transport},
 };
 use candle_core::Device;
 use common::{
@@ -126,6 +126,7 @@ pub async fn run(
         allreduce: match config.allreduce {
             AllreduceKind::Ps => "ps",
             AllreduceKind::Ring => "ring",
+            AllreduceKind::Nccl => "nccl",
         }
         .to_string(),
         epochs: job.epochs,
@@ -143,7 +144,8 @@ pub async fn run(
         first_worker_id,
         heartbeat,
         status.clone(),
-    );
+    )
+    .require_nccl(config.allreduce == AllreduceKind::Nccl);
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
@@ -214,6 +216,7 @@ pub async fn run(
                 loopback_if_unspecified(addr)
             ),
             tls_ca: config.tls_ca.clone(),
+            device: config.worker_device.clone(),
             join_token: token,
             log_format: config.log_format,
             forward_logs: console::shows_bar(config.log_format),
@@ -238,10 +241,14 @@ pub async fn run(
         pause_timeout: config.pause_timeout(),
         checkpoint_every: config.checkpoint_every,
         progress_every: config.progress_every(),
+        transport: match config.allreduce {
+            AllreduceKind::Nccl => Transport::Nccl,
+            AllreduceKind::Ps | AllreduceKind::Ring => Transport::Tcp,
+        },
     };
     let averaging = match config.allreduce {
         AllreduceKind::Ps => Averaging::ParameterServer(averaging),
-        AllreduceKind::Ring => Averaging::Ring(averaging),
+        AllreduceKind::Ring | AllreduceKind::Nccl => Averaging::Ring(averaging),
     };
     let trainer = Trainer::new(
         job,

@@ -48,6 +48,8 @@ pub struct CoordinatorService {
     in_session: Arc<Mutex<HashSet<WorkerId>>>,
     heartbeat_interval: Duration,
     status: watch::Receiver<JobStatus>,
+    /// Whether only workers that can sum with NCCL may join (`--allreduce nccl`).
+    nccl_required: bool,
 }
 
 impl CoordinatorService {
@@ -72,6 +74,15 @@ impl CoordinatorService {
             in_session: Arc::default(),
             heartbeat_interval,
             status,
+            nccl_required: false,
+        }
+    }
+
+    /// Admits only workers that can sum with NCCL, when `required`.
+    pub fn require_nccl(self, required: bool) -> Self {
+        CoordinatorService {
+            nccl_required: required,
+            ..self
         }
     }
 
@@ -81,6 +92,13 @@ impl CoordinatorService {
                 "worker speaks protocol version {}, this coordinator speaks {}",
                 request.protocol_version,
                 proto::PROTOCOL_VERSION
+            )));
+        }
+        if self.nccl_required && !request.nccl {
+            return Err(Status::failed_precondition(format!(
+                "this job sums gradients with NCCL (--allreduce nccl), and this worker cannot \
+                 (device {}): build it with --features nccl and start it with --device cuda:N",
+                request.device
             )));
         }
         if !request.dataset_digest.is_empty() && request.dataset_digest != self.job.dataset_digest {
@@ -194,6 +212,7 @@ impl Coordinator for CoordinatorService {
                             Some(Kind::Failure(f)) => Report::Failure(f.message),
                             Some(Kind::Heartbeat(_)) => Report::Heartbeat,
                             Some(Kind::RingReady(ready)) => Report::RingReady(ready),
+                            Some(Kind::NcclId(id)) => Report::NcclId(id),
                             Some(Kind::State(state)) => Report::State(state),
                             Some(Kind::Hello(_)) | None => {
                                 Report::Failure("sent an unexpected message kind".into())

@@ -42,6 +42,8 @@ use tracing::{debug, info, warn};
 
 mod ring;
 
+pub use ring::Transport;
+
 /// What a finished job reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -74,6 +76,8 @@ pub struct TrainerOptions {
     pub checkpoint_every: u64,
     /// Time between progress records.
     pub progress_every: Duration,
+    /// How ring workers sum their gradients (ring jobs only).
+    pub transport: Transport,
 }
 
 /// Sums over a part of the test set.

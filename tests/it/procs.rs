@@ -433,7 +433,7 @@ pub struct Job {
     pub workers: usize,
     pub epochs: u32,
     pub seed: u64,
-    /// `--allreduce`: `ps` or `ring`.
+    /// `--allreduce`: `ps`, `ring` or `nccl`.
     pub allreduce: &'static str,
 }
 

@@ -145,3 +145,40 @@ fn workers_that_cannot_reach_each_other_stop_the_job_with_the_reason() -> anyhow
     );
     Ok(())
 }
+
+/// `--allreduce nccl` in a build without the `nccl` feature (CI's): a worker that cannot sum
+/// with NCCL is refused at registration and stops with the reason, the coordinator keeps
+/// waiting for able workers, and a coordinator that would spawn such workers refuses to start.
+/// (NCCL itself needs a CUDA device: see README, "NCCL".)
+#[test]
+fn nccl_jobs_refuse_workers_that_cannot_sum_with_nccl() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let job = Job {
+        allreduce: "nccl",
+        ..Job::mlp(1, 1)
+    };
+    let mut procs = Procs::new();
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &[], &[]);
+    let worker = &cluster.workers[0];
+    let status = procs.wait_exit(worker, std::time::Duration::from_secs(60));
+    assert!(!status.success(), "{status}");
+    worker.log.wait_for("build it with --features nccl");
+    cluster.coordinator.log.wait_for("registration refused");
+    assert!(procs.is_running(&cluster.coordinator));
+    procs.signal(&cluster.coordinator, libc::SIGTERM);
+    procs.wait_exit(&cluster.coordinator, std::time::Duration::from_secs(30));
+
+    let spawning = procs.coordinator(
+        "spawning",
+        &["--workers", "1", "--allreduce", "nccl", "--run-dir"]
+            .map(std::ffi::OsString::from)
+            .into_iter()
+            .chain([dir.path().join("spawned").into_os_string()])
+            .collect::<Vec<_>>(),
+    );
+    let status = procs.wait_exit(&spawning, std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{status}");
+    spawning.log.wait_for("built without NCCL");
+    Ok(())
+}

@@ -6,6 +6,7 @@
 mod config;
 mod error;
 mod executor;
+mod nccl;
 mod process;
 pub mod ring;
 mod ring_replica;

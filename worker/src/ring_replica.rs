@@ -1,6 +1,6 @@
-//! A worker's side of `--allreduce ring`: the worker holds the parameters and the optimiser,
-//! sums its gradient with the other workers over a TCP ring, and applies each step's update
-//! once the coordinator has counted the step.
+//! A worker's side of `--allreduce ring` and `--allreduce nccl`: the worker holds the
+//! parameters and the optimiser, sums its gradient with the other workers (over a TCP ring,
+//! or with NCCL), and applies each step's update once the coordinator has counted the step.
 //!
 //! Why the update waits: a ring that breaks part-way through a step can leave some workers
 //! with the full sum and others without. Holding the update until a later message says the
@@ -10,8 +10,10 @@
 use crate::{
     Error, Result,
     executor::Executor,
+    nccl::{self, NcclRing},
     ring::{Ring, RingConfig, RingListener},
 };
+use candle_core::Device;
 use common::{
     ids::Rank,
     optim::{Optimizer, OptimizerConfig, OptimizerState},
@@ -19,7 +21,7 @@ use common::{
 };
 use proto::{
     StateTensors,
-    v1::{GradientReport, ModelState, RingReady, RingStep, SetupRing},
+    v1::{GradientReport, ModelState, NcclId, NcclIdRequest, RingReady, RingStep, SetupRing},
 };
 use std::{
     net::{SocketAddr, ToSocketAddrs},
@@ -31,13 +33,34 @@ use tracing::{debug, info};
 /// The replica a ring worker trains, and its place in the current ring.
 pub struct RingReplica {
     listener: Arc<RingListener>,
+    /// Where NCCL sums (`--allreduce nccl`): the executor's device.
+    device: Device,
     optimizer_config: OptimizerConfig,
     /// Parameters and optimiser after `committed` steps; `None` until the first `SetupRing`.
     model: Option<(Vec<f32>, Optimizer)>,
     committed: u64,
     pending: Option<Pending>,
-    ring: Option<Ring>,
+    ring: Option<Link>,
     generation: u64,
+}
+
+/// How the members of this generation sum their gradients.
+enum Link {
+    Tcp(Box<Ring>),
+    Nccl(NcclRing),
+}
+
+impl Link {
+    /// Sums `data` over the generation's members, in place.
+    fn allreduce_sum(&mut self, step: u64, data: &mut [f32]) -> std::result::Result<(), String> {
+        match self {
+            Link::Tcp(ring) => ring
+                .allreduce_sum(step, data)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Link::Nccl(nccl) => nccl.allreduce_sum(data),
+        }
+    }
 }
 
 /// A step's summed gradient, waiting to be committed.
@@ -48,10 +71,16 @@ struct Pending {
 }
 
 impl RingReplica {
-    /// A replica that will join rings through `listener`.
-    pub fn new(listener: Arc<RingListener>, optimizer_config: OptimizerConfig) -> Self {
+    /// A replica that will join TCP rings through `listener`, or NCCL communicators on
+    /// `device`.
+    pub fn new(
+        listener: Arc<RingListener>,
+        device: Device,
+        optimizer_config: OptimizerConfig,
+    ) -> Self {
         RingReplica {
             listener,
+            device,
             optimizer_config,
             model: None,
             committed: 0,
@@ -81,15 +110,19 @@ impl RingReplica {
     }
 
     /// Takes the coordinator's state and connects to the ring of a new generation.
-    pub fn setup(&mut self, setup: SetupRing) -> Result<RingReady> {
+    pub fn setup(&mut self, mut setup: SetupRing) -> Result<RingReady> {
         self.ring = None;
         self.pending = None;
         let state = setup
             .state
+            .take()
             .ok_or_else(|| Error::BadRequest("ring set-up without a model state".into()))?;
         self.model = Some(decode_state(&state, &self.optimizer_config)?);
         self.committed = state.committed_steps;
         self.generation = setup.generation;
+        if !setup.nccl_id.is_empty() {
+            return self.setup_nccl(&setup);
+        }
         // A peer this worker cannot resolve or reach is not its fault: it says so in its
         // answer, and the coordinator decides.
         let peers = match resolve(&setup.peers) {
@@ -130,7 +163,7 @@ impl RingReplica {
         let started = Instant::now();
         let error = match Ring::connect(&self.listener, &config) {
             Ok(ring) => {
-                self.ring = Some(ring);
+                self.ring = Some(Link::Tcp(Box::new(ring)));
                 info!(
                     generation = setup.generation,
                     rank,
@@ -141,6 +174,35 @@ impl RingReplica {
                 String::new()
             }
             Err(e) => e.to_string(),
+        };
+        Ok(RingReady {
+            generation: setup.generation,
+            error,
+        })
+    }
+
+    /// Joins the generation's NCCL communicator (the state is already taken).
+    fn setup_nccl(&mut self, setup: &SetupRing) -> Result<RingReady> {
+        let (rank, size) = (setup.rank as usize, setup.peers.len());
+        if rank >= size {
+            return Err(Error::BadRequest(format!(
+                "rank {rank} in an NCCL communicator of {size} workers"
+            )));
+        }
+        let started = Instant::now();
+        let error = match NcclRing::connect(&self.device, &setup.nccl_id, rank, size) {
+            Ok(comm) => {
+                self.ring = Some(Link::Nccl(comm));
+                info!(
+                    generation = setup.generation,
+                    rank,
+                    size,
+                    "NCCL communicator formed in {:.3} s",
+                    started.elapsed().as_secs_f64()
+                );
+                String::new()
+            }
+            Err(e) => e,
         };
         Ok(RingReady {
             generation: setup.generation,
@@ -221,7 +283,7 @@ impl RingReplica {
             }
             Err(e) => {
                 debug!(step = request.step, "all-reduce failed: {e}");
-                report.ring_error = e.to_string();
+                report.ring_error = e;
                 self.ring = None;
             }
         }
@@ -242,6 +304,19 @@ impl RingReplica {
                 second_moment: optimizer.second_moment,
             },
         ))
+    }
+}
+
+/// Makes the NCCL unique id of a new generation, as its rank 0.
+pub fn nccl_id(request: &NcclIdRequest) -> NcclId {
+    let (id, error) = match nccl::unique_id() {
+        Ok(id) => (id, String::new()),
+        Err(e) => (Vec::new(), e),
+    };
+    NcclId {
+        generation: request.generation,
+        id: id.into(),
+        error,
     }
 }
 

@@ -3,7 +3,10 @@
 //! worker) the worker registers again and carries on, keeping its data and model.
 
 use crate::{
-    Config, Error, Result, executor::Executor, ring::RingListener, ring_replica::RingReplica,
+    Config, Error, Result,
+    executor::Executor,
+    ring::RingListener,
+    ring_replica::{self, RingReplica},
     transfer::receive_dataset,
 };
 use candle_core::Device;
@@ -73,6 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             dataset_digest: local_digest.clone(),
             ring_port: u32::from(ring_listener.local_addr().port()),
             ring_host: config.ring_host.clone().unwrap_or_default(),
+            nccl: cfg!(feature = "nccl") && device.is_cuda(),
         };
         let reply = match client.register(request).await.map_err(Error::from) {
             Ok(reply) => reply.into_inner(),
@@ -124,7 +128,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         };
         let mut slot = Some(Engine {
             executor: ready,
-            ring: RingReplica::new(Arc::clone(&ring_listener), job_config.optimizer),
+            ring: RingReplica::new(
+                Arc::clone(&ring_listener),
+                device.clone(),
+                job_config.optimizer,
+            ),
         });
         let outcome = session.serve(&mut client, &mut slot, &shutdown).await;
         executor = slot.map(|engine| (job, engine.executor));
@@ -324,6 +332,7 @@ fn answer(engine: &mut Engine, command: Command) -> Result<Kind> {
         }
         Command::SetupRing(setup) => Ok(Kind::RingReady(engine.ring.setup(setup)?)),
         Command::RingStep(step) => Ok(Kind::Gradient(engine.ring.step(executor, &step)?)),
+        Command::NcclIdRequest(request) => Ok(Kind::NcclId(ring_replica::nccl_id(&request))),
         Command::StateRequest(request) => {
             Ok(Kind::State(engine.ring.state(request.committed_steps)?))
         }

@@ -1,10 +1,11 @@
-//! The training loop's side of `--allreduce ring`: the coordinator orders the steps and keeps
-//! the membership, and the workers sum their gradients over a TCP ring and update their own
-//! replicas.
+//! The training loop's side of `--allreduce ring` and `--allreduce nccl`: the coordinator
+//! orders the steps and keeps the membership, and the workers sum their gradients (over a TCP
+//! ring, or with NCCL) and update their own replicas.
 //!
 //! - A ring is set up for each membership (a *generation*): every member gets its rank, the
 //!   members' ring addresses, a random key and the model state from the coordinator's copy,
-//!   so that a newcomer and the old members start the generation from the same bits.
+//!   so that a newcomer and the old members start the generation from the same bits. With
+//!   NCCL, rank 0 first makes the generation's NCCL unique id, which replaces the addresses.
 //! - A step counts only when every member's all-reduce succeeded. Otherwise the whole global
 //!   batch goes back to the epoch, and the next step starts on a new ring without the members
 //!   that were lost; the workers drop the update they were holding for it.
@@ -17,7 +18,8 @@ use common::{ids::WorkerId, optim::OptimizerState, seed::derive_seed, sharding::
 use proto::{
     StateTensors,
     v1::{
-        GradientReport, ModelState, RingStep, SetupRing, StateRequest, coordinator_message::Kind,
+        GradientReport, ModelState, NcclIdRequest, RingStep, SetupRing, StateRequest,
+        coordinator_message::Kind,
     },
 };
 use tracing::{debug, info, warn};
@@ -25,6 +27,18 @@ use tracing::{debug, info, warn};
 /// Ring failures in a row, with no worker lost, after which the job stops: the workers cannot
 /// reach each other (a firewall, a wrong --ring-host), and retrying will not change that.
 const MAX_RING_FAILURES: u32 = 5;
+
+/// The bytes of an NCCL unique id (`ncclUniqueId`).
+const NCCL_ID_BYTES: usize = 128;
+
+/// How ring workers sum their gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Over TCP among themselves (`--allreduce ring`).
+    Tcp,
+    /// With NCCL on their CUDA devices (`--allreduce nccl`).
+    Nccl,
+}
 
 /// The current ring, if one is formed, and what the coordinator knows of the replicas.
 #[derive(Debug, Default)]
@@ -151,10 +165,19 @@ impl Trainer {
         }
         self.ring.failures += 1;
         if self.ring.failures >= MAX_RING_FAILURES {
+            let advice = match self.options.transport {
+                Transport::Tcp => {
+                    "check that the workers reach each other's ring listeners (--ring-listen, \
+                     --ring-host), or use --allreduce ps"
+                }
+                Transport::Nccl => {
+                    "check the workers' NCCL set-up (one GPU per worker: NCCL refuses two ranks on \
+                     one device; NCCL_DEBUG=INFO in the workers' environment tells more), or use \
+                     --allreduce ring"
+                }
+            };
             return Err(Error::Ring(format!(
-                "failed {} times in a row with every worker still present ({}); check that the \
-                 workers reach each other's ring listeners (--ring-listen, --ring-host), or use \
-                 --allreduce ps",
+                "failed {} times in a row with every worker still present ({}); {advice}",
                 self.ring.failures,
                 errors.join("; ")
             )));
@@ -170,24 +193,23 @@ impl Trainer {
             return Ok(true);
         }
         self.refresh_copy().await?;
-        let mut peers = Vec::with_capacity(ids.len());
-        for &worker in &ids {
-            match self.membership.member(worker).and_then(ring_address) {
-                Some(address) => peers.push(address),
-                None => {
-                    self.evict(
-                        worker,
-                        "it has no ring listener (a worker build without --allreduce ring)",
-                        false,
-                    );
-                    return Ok(false);
-                }
-            }
-        }
-        let ids = self.membership.ids();
         self.ring.generation += 1;
         self.ring.intact = false;
         let generation = self.ring.generation;
+        let (peers, nccl_id) = match self.options.transport {
+            Transport::Tcp => match self.ring_addresses(&ids) {
+                Some(peers) => (peers, Vec::new()),
+                None => return Ok(false),
+            },
+            Transport::Nccl => match self.nccl_id(ids[0], generation).await? {
+                Some(id) => (ids.iter().map(ToString::to_string).collect(), id),
+                None => return Ok(false),
+            },
+        };
+        if self.membership.ids() != ids {
+            // A member left while rank 0 made the NCCL id: set up the new membership.
+            return Ok(false);
+        }
         let key: [u8; 16] = rand::random();
         let optimizer = self.averaging.optimizer_state();
         let state = ModelState::encode(
@@ -207,6 +229,7 @@ impl Trainer {
                 key: key.to_vec().into(),
                 timeout_seconds: self.options.worker_timeout.as_secs_f64(),
                 state: Some(state.clone()),
+                nccl_id: nccl_id.clone().into(),
             };
             if !self.membership.send(worker, Kind::SetupRing(command)) {
                 self.evict(worker, "not reading its session", true);
@@ -252,6 +275,63 @@ impl Trainer {
         }
         self.ring_failed(self.global_step, all_answered, &errors)?;
         Ok(false)
+    }
+
+    /// The members' ring addresses, in rank order; `None` after evicting one that has none.
+    fn ring_addresses(&mut self, ids: &[WorkerId]) -> Option<Vec<String>> {
+        let mut peers = Vec::with_capacity(ids.len());
+        for &worker in ids {
+            match self.membership.member(worker).and_then(ring_address) {
+                Some(address) => peers.push(address),
+                None => {
+                    self.evict(
+                        worker,
+                        "it has no ring listener (a worker build without --allreduce ring)",
+                        false,
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(peers)
+    }
+
+    /// Has `rank0` make the NCCL unique id of `generation`; `None` when it was lost first.
+    /// A worker that cannot make one never will (no NCCL in its build): the job stops.
+    async fn nccl_id(&mut self, rank0: WorkerId, generation: u64) -> Result<Option<Vec<u8>>> {
+        if !self
+            .membership
+            .send(rank0, Kind::NcclIdRequest(NcclIdRequest { generation }))
+        {
+            self.evict(rank0, "not reading its session", true);
+            return Ok(None);
+        }
+        let gathered = self
+            .gather(
+                &format!("NCCL id {generation}"),
+                &[rank0],
+                |_, report| match report {
+                    Report::NcclId(id) if id.generation == generation => Verdict::Accept(id),
+                    _ => Verdict::Ignore,
+                },
+            )
+            .await?;
+        let Some((_, Some(answer))) = gathered.slots.into_iter().next() else {
+            return Ok(None);
+        };
+        if !answer.error.is_empty() {
+            return Err(Error::Ring(format!(
+                "{rank0} cannot make an NCCL id: {}",
+                answer.error
+            )));
+        }
+        if answer.id.len() != NCCL_ID_BYTES {
+            return Err(Error::Ring(format!(
+                "{rank0} sent an NCCL id of {} bytes, {NCCL_ID_BYTES} expected",
+                answer.id.len()
+            )));
+        }
+        Ok(Some(answer.id.to_vec()))
     }
 
     /// Brings the coordinator's copy of the model up to the current step, from a member of

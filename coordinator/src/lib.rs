@@ -4,12 +4,16 @@
 //! [`run`] is the whole job; the binary only parses flags and sets up logging.
 
 mod averaging;
+mod checkpoint;
 mod config;
+mod device;
 mod error;
 mod event;
 mod local_workers;
 mod membership;
 mod metrics;
+pub mod plots;
+pub mod predict;
 mod progress;
 mod resume;
 mod run;
@@ -17,6 +21,7 @@ mod run_dir;
 mod service;
 mod trainer;
 
+pub use checkpoint::Checkpoint;
 pub use config::{AllreduceKind, Config, LrDecay};
 pub use error::{Error, Result};
 pub use metrics::{Departure, EpochRecord, JoinRecord};

@@ -15,12 +15,18 @@ struct Cli {
 enum Command {
     /// Run as a worker (what `--workers N` spawns; same flags as the `worker` binary).
     Worker(worker::Config),
+    /// Draw a run directory's plots (learning curves, confusion matrix, digits) into its plots/.
+    Plot(coordinator::plots::PlotArgs),
+    /// Print the digit a trained model sees in each PNG or JPEG file.
+    Predict(coordinator::predict::PredictArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Worker(config)) => worker::main_with(config),
+        Some(Command::Plot(args)) => coordinator::plots::main(args),
+        Some(Command::Predict(args)) => coordinator::predict::main(args),
         None => {
             worker::init_tracing("coordinator");
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");

@@ -19,6 +19,8 @@ pub struct Checkpoint {
     pub model: ModelKind,
     /// The epoch after which it was written, when its `.json` metadata says so.
     pub epoch: Option<u32>,
+    /// The digest of the data it was trained on, when its `.json` metadata says so.
+    pub dataset_digest: Option<String>,
     /// The parameters in sorted-name order, as [`common::params::ParamSet`] lays them out.
     pub parameters: Vec<f32>,
 }
@@ -28,7 +30,7 @@ impl Checkpoint {
     /// metadata (copied on its own) is matched against every model's names and shapes.
     pub fn load(path: &Path) -> Result<Checkpoint> {
         let meta_path = path.with_extension("json");
-        let (model, epoch) = match fs::read_to_string(&meta_path) {
+        let (model, epoch, dataset_digest) = match fs::read_to_string(&meta_path) {
             Ok(text) => {
                 let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                     Error::Checkpoint(format!("{}: {e}", meta_path.display()))
@@ -40,9 +42,10 @@ impl Checkpoint {
                     })?
                     .parse::<ModelKind>()?;
                 let epoch = meta["epoch"].as_u64().and_then(|e| u32::try_from(e).ok());
-                (Some(model), epoch)
+                let digest = meta["dataset_digest"].as_str().map(str::to_string);
+                (Some(model), epoch, digest)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None, None),
             Err(e) => return Err(Error::io(meta_path, e)),
         };
         if !path.is_file() {
@@ -64,6 +67,7 @@ impl Checkpoint {
                         path: path.to_path_buf(),
                         model: kind,
                         epoch,
+                        dataset_digest,
                         parameters,
                     });
                 }

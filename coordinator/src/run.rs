@@ -3,6 +3,7 @@ use crate::{
     averaging::{Averaging, ParameterServer},
     config::AllreduceKind,
     local_workers::{LaunchSpec, LocalWorkers, WorkerProgram},
+    plots,
     resume::{self, Resume, ResumeState},
     run_dir::RunDir,
     service::CoordinatorService,
@@ -60,6 +61,7 @@ pub async fn run(
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
     let dataset = load_dataset(data_dir.clone()).await?;
     let dataset_digest = dataset.digest();
+    let plots_data_dir = data_dir.clone();
     let (train_len, test_len) = (dataset.train.len(), dataset.test.len());
     drop(dataset);
     info!(
@@ -223,6 +225,9 @@ pub async fn run(
             debug!("connections still open after {SERVER_STOP_GRACE:?}: dropping them");
             server.abort();
         }
+    }
+    if let Ok(summary) = &outcome {
+        plots::write_plots_after_training(summary.run_dir.clone(), plots_data_dir).await;
     }
     outcome
 }

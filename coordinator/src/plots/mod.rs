@@ -11,4 +11,4 @@ mod learning_curves;
 mod run_plots;
 
 pub use command::{PlotArgs, main};
-pub use run_plots::{PLOTS_DIR, write_plots};
+pub use run_plots::{PLOTS_DIR, write_plots, write_plots_after_training};

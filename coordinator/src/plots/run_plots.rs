@@ -14,6 +14,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
 };
+use tracing::{info, warn};
 
 /// The folder of a run directory that the plots go to.
 pub const PLOTS_DIR: &str = "plots";
@@ -30,7 +31,16 @@ pub fn write_plots(run_dir: &Path, data_dir: &Path) -> Result<Vec<PathBuf>> {
     let records = read_metrics(&run_dir.join("metrics.jsonl"))?;
     let checkpoint = Checkpoint::latest_in(run_dir)?;
     ensure_mnist(data_dir)?;
-    let test = Dataset::load(data_dir)?.test;
+    let dataset = Dataset::load(data_dir)?;
+    if let Some(trained_on) = &checkpoint.dataset_digest
+        && *trained_on != dataset.digest()
+    {
+        warn!(
+            data_dir = %data_dir.display(),
+            "the run trained on other data (dataset sha256 {trained_on}): the plots evaluate it on this directory's test set"
+        );
+    }
+    let test = dataset.test;
     let probabilities = checkpoint.probabilities(&test, &Device::Cpu)?;
     let predicted: Vec<u8> = probabilities.iter().map(argmax).collect();
     let correct = predicted
@@ -66,6 +76,17 @@ pub fn write_plots(run_dir: &Path, data_dir: &Path) -> Result<Vec<PathBuf>> {
     let mistakes = confident_mistakes(&test, &predicted, &probabilities, &model);
     written.extend(figure::save(&mistakes, &dir)?);
     Ok(written)
+}
+
+/// [`write_plots`] at the end of a job, off the async runtime; a failure is logged as a
+/// warning, since the job itself succeeded.
+pub async fn write_plots_after_training(run_dir: PathBuf, data_dir: PathBuf) {
+    let dir = run_dir.join(PLOTS_DIR);
+    match tokio::task::spawn_blocking(move || write_plots(&run_dir, &data_dir)).await {
+        Ok(Ok(files)) => info!(dir = %dir.display(), files = files.len(), "plots written"),
+        Ok(Err(e)) => warn!("no plots: {e}"),
+        Err(e) => warn!("no plots: plotting failed: {e}"),
+    }
 }
 
 /// The epoch records of `metrics.jsonl`, naming the line that does not parse.

@@ -95,12 +95,15 @@ pub fn main(args: PredictArgs) -> ExitCode {
     }
 }
 
-/// `digits/seven.png: 7  (7 98.2%, 1 1.1%, 9 0.3%)`.
+/// `digits/seven.png: 7  (7 98.2%, 1 1.1%, 9 <0.1%)`.
 fn text_line(file: &Path, prediction: &Prediction) -> String {
     let top3: Vec<String> = prediction
         .top3
         .iter()
-        .map(|c| format!("{} {:.1}%", c.digit, c.probability * 100.0))
+        .map(|c| match c.probability * 100.0 {
+            percent if percent < 0.05 => format!("{} <0.1%", c.digit),
+            percent => format!("{} {percent:.1}%", c.digit),
+        })
         .collect();
     format!(
         "{}: {}  ({})",

@@ -1,7 +1,7 @@
 use crate::{Error, Result};
 use common::dataset::{IMAGE_PIXELS, IMAGE_SIDE};
 use image::{
-    DynamicImage, ImageBuffer, ImageReader, Luma, LumaA,
+    DynamicImage, ImageBuffer, ImageDecoder, ImageReader, Luma, LumaA,
     imageops::{self, FilterType},
 };
 use std::path::Path;
@@ -36,18 +36,24 @@ pub struct Digit {
 }
 
 impl Digit {
-    /// Reads a PNG or JPEG file (the format is found from the contents) and preprocesses it.
+    /// Reads a PNG or JPEG file (the format is found from the contents), turns it upright as
+    /// its EXIF orientation says, and preprocesses it.
     pub fn open(path: &Path) -> Result<Digit> {
         let problem = |problem: String| Error::Image {
             path: path.to_path_buf(),
             problem,
         };
-        let image = ImageReader::open(path)
+        let unreadable = |e: image::ImageError| problem(format!("not a readable PNG or JPEG image: {e}"));
+        let mut decoder = ImageReader::open(path)
             .map_err(|e| Error::io(path, e))?
             .with_guessed_format()
             .map_err(|e| Error::io(path, e))?
-            .decode()
-            .map_err(|e| problem(format!("not a readable PNG or JPEG image: {e}")))?;
+            .into_decoder()
+            .map_err(unreadable)?;
+        // Phones store photos sideways with an EXIF orientation: a 7 must stand upright.
+        let orientation = decoder.orientation().map_err(unreadable)?;
+        let mut image = DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+        image.apply_orientation(orientation);
         Digit::from_image(&image).ok_or_else(|| {
             problem(format!(
                 "no digit found: the {}x{} image is blank (no ink differs from the background)",

@@ -32,9 +32,8 @@ impl Checkpoint {
         let meta_path = path.with_extension("json");
         let (model, epoch, dataset_digest) = match fs::read_to_string(&meta_path) {
             Ok(text) => {
-                let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                    Error::Checkpoint(format!("{}: {e}", meta_path.display()))
-                })?;
+                let meta: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::Checkpoint(format!("{}: {e}", meta_path.display())))?;
                 let model = meta["model"]
                     .as_str()
                     .ok_or_else(|| {

@@ -29,11 +29,7 @@ fn check_plots(run_dir: &Path) -> anyhow::Result<()> {
             png.display()
         );
         // Not a blank canvas: a plot has ink.
-        let dark = decoded
-            .to_luma8()
-            .pixels()
-            .filter(|p| p.0[0] < 128)
-            .count();
+        let dark = decoded.to_luma8().pixels().filter(|p| p.0[0] < 128).count();
         assert!(dark > 1000, "{}: {dark} dark pixels", png.display());
         let svg = std::fs::read_to_string(dir.join(format!("{name}.svg")))?;
         assert!(svg.trim_start().starts_with("<svg"), "{name}.svg");

@@ -39,7 +39,8 @@ fn variant(test: &Split, index: usize, name: &str) -> GrayImage {
     let dark_on_light = |mut image: GrayImage, paper: u8, ink: u8| {
         for p in image.pixels_mut() {
             let amount = f32::from(p.0[0]) / 255.0;
-            p.0[0] = (f32::from(paper) + amount * (f32::from(ink) - f32::from(paper))).round() as u8;
+            p.0[0] =
+                (f32::from(paper) + amount * (f32::from(ink) - f32::from(paper))).round() as u8;
         }
         image
     };
@@ -105,20 +106,30 @@ fn predict_reads_digits_from_image_files() -> anyhow::Result<()> {
     info!("--- train one epoch of the MLP");
     train_quick_mlp(&run_dir)?;
 
-    info!("--- write {DIGITS} test digits in {} variants", VARIANTS.len());
+    info!(
+        "--- write {DIGITS} test digits in {} variants",
+        VARIANTS.len()
+    );
     let labels = write_digits(&images)?;
     let corrupt = images.join("mnist-28").join("corrupt.png");
     std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nthis is no PNG")?;
 
     {
         info!("--- predict every directory, text output");
-        let dirs: Vec<PathBuf> = VARIANTS.iter().map(|(name, ..)| images.join(name)).collect();
+        let dirs: Vec<PathBuf> = VARIANTS
+            .iter()
+            .map(|(name, ..)| images.join(name))
+            .collect();
         let mut args = vec![Path::new("--run-dir"), &run_dir];
         args.extend(dirs.iter().map(PathBuf::as_path));
         let output = predict(&args)?;
         let stdout = String::from_utf8(output.stdout)?;
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "one file is corrupt:\n{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "one file is corrupt:\n{stderr}"
+        );
         assert!(
             stderr.contains(&corrupt.display().to_string()),
             "the corrupt file is named:\n{stderr}"
@@ -130,7 +141,11 @@ fn predict_reads_digits_from_image_files() -> anyhow::Result<()> {
             assert_eq!(rest.matches('%').count(), 3, "top-3 probabilities: {line}");
             predicted.insert(PathBuf::from(file), digit);
         }
-        assert_eq!(predicted.len(), labels.len(), "every good file is predicted");
+        assert_eq!(
+            predicted.len(),
+            labels.len(),
+            "every good file is predicted"
+        );
         for (name, ..) in VARIANTS {
             let dir = images.join(name);
             let (files, right) = labels
@@ -140,7 +155,10 @@ fn predict_reads_digits_from_image_files() -> anyhow::Result<()> {
                     (files + 1, right + usize::from(predicted[path] == *label))
                 });
             let accuracy = right as f64 / files as f64;
-            println!("{name}: {right} of {files} correct ({:.1}%)", accuracy * 100.0);
+            println!(
+                "{name}: {right} of {files} correct ({:.1}%)",
+                accuracy * 100.0
+            );
             assert_eq!(files, DIGITS);
             assert!(accuracy >= 0.9, "{name}: accuracy {accuracy}");
         }
@@ -194,7 +212,10 @@ fn predict_reads_digits_from_image_files() -> anyhow::Result<()> {
         let output = predict(&[Path::new("--run-dir"), &run_dir, &blank, &missing])?;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1));
-        assert!(stderr.contains("blank.png") && stderr.contains("blank"), "{stderr}");
+        assert!(
+            stderr.contains("blank.png") && stderr.contains("blank"),
+            "{stderr}"
+        );
         assert!(stderr.contains("missing.png"), "{stderr}");
         let output = predict(&[Path::new("--run-dir"), work.path(), &blank])?;
         assert!(!output.status.success());

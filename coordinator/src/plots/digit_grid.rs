@@ -116,7 +116,10 @@ impl Figure for DigitGrid {
                 RGBColor(200, 200, 200).stroke_width(1)
             };
             root.draw(&Rectangle::new(
-                [(image_x - 2, image_y - 2), (image_x + side + 2, image_y + side + 2)],
+                [
+                    (image_x - 2, image_y - 2),
+                    (image_x + side + 2, image_y + side + 2),
+                ],
                 frame,
             ))?;
         }

@@ -47,7 +47,8 @@ pub fn save(figure: &impl Figure, dir: &Path) -> Result<[PathBuf; 2]> {
     let image = image::RgbImage::from_raw(width, height, rgb).expect("the buffer fits the size");
     let mut png = Vec::new();
     // The best compression: the plots are small and go into READMEs and reports.
-    let encoder = PngEncoder::new_with_quality(&mut png, CompressionType::Best, PngFilter::Adaptive);
+    let encoder =
+        PngEncoder::new_with_quality(&mut png, CompressionType::Best, PngFilter::Adaptive);
     image
         .write_with_encoder(encoder)
         .map_err(|e| failed(format!("encoding PNG: {e}")))?;

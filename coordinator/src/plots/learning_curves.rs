@@ -83,7 +83,10 @@ fn draw_panel<DB: DrawingBackend>(
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let points = panel.train.iter().chain(&panel.test);
     let first_epoch = points.clone().map(|p| p.0).fold(f64::INFINITY, f64::min);
-    let last_epoch = points.clone().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+    let last_epoch = points
+        .clone()
+        .map(|p| p.0)
+        .fold(f64::NEG_INFINITY, f64::max);
     let (mut low, mut high) = points
         .map(|p| p.1)
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
@@ -127,7 +130,10 @@ fn draw_panel<DB: DrawingBackend>(
         (&panel.test, TEST, "test (after the epoch)"),
     ] {
         chart
-            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))?
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                colour.stroke_width(2),
+            ))?
             .label(label)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(2))

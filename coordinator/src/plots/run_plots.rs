@@ -64,11 +64,7 @@ pub fn write_plots(run_dir: &Path, data_dir: &Path) -> Result<Vec<PathBuf>> {
         title: checkpoint.model.to_string(),
         records,
     };
-    let confusion = ConfusionMatrix::new(
-        format!("{model}: {accuracy}"),
-        test.labels(),
-        &predicted,
-    );
+    let confusion = ConfusionMatrix::new(format!("{model}: {accuracy}"), test.labels(), &predicted);
     let mut written = Vec::new();
     written.extend(figure::save(&curves, &dir)?);
     written.extend(figure::save(&confusion, &dir)?);

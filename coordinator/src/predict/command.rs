@@ -72,16 +72,21 @@ pub fn main(args: PredictArgs) -> ExitCode {
             .map_err(std::io::Error::from)
             .and_then(|()| writeln!(stdout))
     } else {
-        outcomes.iter().try_for_each(|(file, outcome)| match outcome {
-            Ok(prediction) => writeln!(stdout, "{}", text_line(file, prediction)),
-            Err(_) => Ok(()),
-        })
+        outcomes
+            .iter()
+            .try_for_each(|(file, outcome)| match outcome {
+                Ok(prediction) => writeln!(stdout, "{}", text_line(file, prediction)),
+                Err(_) => Ok(()),
+            })
     };
     if let Err(e) = written.and_then(|()| stdout.flush()) {
         eprintln!("error: writing the predictions: {e}");
         return ExitCode::FAILURE;
     }
-    let failed = outcomes.iter().filter(|(_, outcome)| outcome.is_err()).count();
+    let failed = outcomes
+        .iter()
+        .filter(|(_, outcome)| outcome.is_err())
+        .count();
     for (_, outcome) in &outcomes {
         if let Err(e) = outcome {
             eprintln!("error: {e}");

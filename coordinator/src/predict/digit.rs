@@ -43,7 +43,8 @@ impl Digit {
             path: path.to_path_buf(),
             problem,
         };
-        let unreadable = |e: image::ImageError| problem(format!("not a readable PNG or JPEG image: {e}"));
+        let unreadable =
+            |e: image::ImageError| problem(format!("not a readable PNG or JPEG image: {e}"));
         let mut decoder = ImageReader::open(path)
             .map_err(|e| Error::io(path, e))?
             .with_guessed_format()
@@ -185,7 +186,13 @@ mod tests {
 
     /// A canvas of `width`x`height` with `paper` everywhere and `ink` on the rectangle
     /// `(x, y, w, h)`, plus a one-pixel notch so that the shape has a direction.
-    fn canvas(width: u32, height: u32, rect: (u32, u32, u32, u32), paper: u8, ink: u8) -> GrayImage {
+    fn canvas(
+        width: u32,
+        height: u32,
+        rect: (u32, u32, u32, u32),
+        paper: u8,
+        ink: u8,
+    ) -> GrayImage {
         let (rx, ry, rw, rh) = rect;
         GrayImage::from_fn(width, height, |x, y| {
             let inside = (rx..rx + rw).contains(&x) && (ry..ry + rh).contains(&y);
@@ -210,9 +217,8 @@ mod tests {
             .filter(|&i| pixels[i] >= 128)
             .map(|i| (i % IMAGE_SIDE, i / IMAGE_SIDE))
             .collect();
-        let span = |values: Vec<usize>| {
-            values.iter().max().unwrap() - values.iter().min().unwrap() + 1
-        };
+        let span =
+            |values: Vec<usize>| values.iter().max().unwrap() - values.iter().min().unwrap() + 1;
         (
             span(inked.iter().map(|p| p.0).collect()),
             span(inked.iter().map(|p| p.1).collect()),
@@ -234,7 +240,10 @@ mod tests {
         }
         let digit = digit(image);
         let (x, y) = centre_of_mass(digit.pixels());
-        assert!((x - 14.0).abs() <= 1.0 && (y - 14.0).abs() <= 1.0, "{x}, {y}");
+        assert!(
+            (x - 14.0).abs() <= 1.0 && (y - 14.0).abs() <= 1.0,
+            "{x}, {y}"
+        );
     }
 
     #[test]
@@ -286,6 +295,11 @@ mod tests {
         let err = Digit::open(&path).unwrap_err();
         assert!(err.to_string().contains("not-an-image.png"), "{err}");
         let missing = dir.path().join("missing.png");
-        assert!(Digit::open(&missing).unwrap_err().to_string().contains("missing.png"));
+        assert!(
+            Digit::open(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("missing.png")
+        );
     }
 }

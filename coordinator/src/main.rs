@@ -12,6 +12,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process: boxing the worker's flags would save nothing"
+)]
 enum Command {
     /// Run as a worker (what `--workers N` spawns; same flags as the `worker` binary).
     Worker(worker::Config),

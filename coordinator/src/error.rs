@@ -70,6 +70,14 @@ pub enum Error {
     /// Shut down before training completed.
     #[error("interrupted before training completed")]
     Interrupted,
+
+    /// An image given to `predict` could not be used.
+    #[error("{}: {problem}", path.display())]
+    Image { path: PathBuf, problem: String },
+
+    /// A plot could not be drawn.
+    #[error("plot {name}: {problem}")]
+    Plot { name: String, problem: String },
 }
 
 impl Error {

@@ -4,13 +4,17 @@
 //! [`run`] is the whole job; the binary only parses flags and sets up logging.
 
 mod averaging;
+mod checkpoint;
 mod config;
 mod console;
+mod device;
 mod error;
 mod event;
 mod local_workers;
 mod membership;
 mod metrics;
+pub mod plots;
+pub mod predict;
 mod progress;
 mod prometheus;
 mod resume;
@@ -21,6 +25,7 @@ mod status;
 mod status_command;
 mod trainer;
 
+pub use checkpoint::Checkpoint;
 pub use config::{AllreduceKind, Config, LrDecay};
 pub use console::init_logging;
 pub use error::{Error, Result};

@@ -12,11 +12,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process: boxing the worker's flags would save nothing"
+)]
 enum Command {
     /// Run as a worker (what `--workers N` spawns; same flags as the `worker` binary).
     Worker(worker::Config),
     /// Print a running job's epoch, step, workers and last test accuracy.
     Status(coordinator::StatusArgs),
+    /// Draw a run directory's plots (learning curves, confusion matrix, digits) into its plots/.
+    Plot(coordinator::plots::PlotArgs),
+    /// Print the digit a trained model sees in each PNG or JPEG file.
+    Predict(coordinator::predict::PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -24,6 +32,8 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Worker(config)) => worker::main_with(config),
         Some(Command::Status(args)) => coordinator::status_command(args),
+        Some(Command::Plot(args)) => coordinator::plots::main(args),
+        Some(Command::Predict(args)) => coordinator::predict::main(args),
         None => {
             coordinator::init_logging(cli.config.log_format);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");

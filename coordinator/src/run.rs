@@ -4,7 +4,7 @@ use crate::{
     config::AllreduceKind,
     console,
     local_workers::{LaunchSpec, LocalWorkers, WorkerProgram},
-    prometheus,
+    plots, prometheus,
     resume::{self, Resume, ResumeState},
     run_dir::RunDir,
     service::CoordinatorService,
@@ -73,6 +73,7 @@ pub async fn run(
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
     let dataset = load_dataset(data_dir.clone()).await?;
     let dataset_digest = dataset.digest();
+    let plots_data_dir = data_dir.clone();
     let (train_len, test_len) = (dataset.train.len(), dataset.test.len());
     drop(dataset);
     info!(
@@ -286,6 +287,9 @@ pub async fn run(
     }
     if let Some(metrics_server) = metrics_server {
         let _ = metrics_server.await;
+    }
+    if let Ok(summary) = &outcome {
+        plots::write_plots_after_training(summary.run_dir.clone(), plots_data_dir).await;
     }
     outcome
 }

@@ -6,6 +6,8 @@ mod cluster;
 mod end_to_end;
 mod faults;
 mod fetch;
+mod plots;
+mod predict;
 mod procs;
 mod ring;
 mod security;

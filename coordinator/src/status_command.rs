@@ -3,13 +3,13 @@
 use crate::{Error, Result};
 use clap::Args;
 use proto::{
-    security::{ClientAuth, ClientTls, JoinToken},
+    security::ClientAuth,
     v1::{
         JobPhase, StatusReply, StatusRequest, WorkerState, coordinator_client::CoordinatorClient,
     },
 };
 use serde_json::json;
-use std::{fmt::Write, path::PathBuf, process::ExitCode, time::Duration};
+use std::{fmt::Write, process::ExitCode, time::Duration};
 use tonic::transport::Endpoint;
 
 /// Where the coordinator is and how to reach it: the worker's connection flags.
@@ -23,28 +23,8 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Secret the coordinator requires on every call (its --join-token).
-    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
-
-    /// File holding the join token.
-    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN_FILE")]
-    pub join_token_file: Option<PathBuf>,
-
-    /// PEM file of the CA that signed the coordinator's certificate (https:// addresses).
-    #[arg(long, env = "LOCKSTEP_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-
-    /// Name to expect in the coordinator's certificate [default: the URL's host].
-    #[arg(long, env = "LOCKSTEP_TLS_DOMAIN")]
-    pub tls_domain: Option<String>,
-
-    /// PEM certificate and key to present to a coordinator that requires client
-    /// certificates.
-    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub credentials: worker::Credentials,
 }
 
 /// The `status` command: prints the job's status, exit status 1 when the coordinator cannot
@@ -81,13 +61,8 @@ pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReply> {
         .map_err(|e| fail(format!("not a valid URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
-    match (&args.tls_ca, url.starts_with("https://")) {
-        (Some(ca), true) => {
-            let tls = ClientTls {
-                ca: ca.clone(),
-                domain: args.tls_domain.clone(),
-                cert_key: args.tls_cert.clone().zip(args.tls_key.clone()),
-            };
+    match (args.credentials.tls(), url.starts_with("https://")) {
+        (Some(tls), true) => {
             let tls = tls.load().map_err(|e| fail(e.to_string()))?;
             endpoint = endpoint
                 .tls_config(tls)
@@ -99,7 +74,9 @@ pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReply> {
         (None, true) => return Err(fail("an https:// URL needs --tls-ca".into())),
         (None, false) => {}
     }
-    let token = JoinToken::resolve(args.join_token.clone(), args.join_token_file.clone())
+    let token = args
+        .credentials
+        .join_token()
         .map_err(|e| fail(e.to_string()))?;
     let channel = endpoint
         .connect()

@@ -30,29 +30,8 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_CONNECT_TIMEOUT", default_value_t = 60)]
     pub connect_timeout_secs: u64,
 
-    /// Secret the coordinator requires on every call (see the coordinator's --join-token).
-    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN", hide_env_values = true)]
-    pub join_token: Option<String>,
-
-    /// File holding the join token.
-    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN_FILE")]
-    pub join_token_file: Option<PathBuf>,
-
-    /// PEM file of the CA that signed the coordinator's certificate; connects with TLS (the
-    /// --coordinator URL must then be https://).
-    #[arg(long, env = "LOCKSTEP_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-
-    /// Name to expect in the coordinator's certificate [default: the URL's host].
-    #[arg(long, env = "LOCKSTEP_TLS_DOMAIN")]
-    pub tls_domain: Option<String>,
-
-    /// PEM certificate and key of this worker, for coordinators that require client
-    /// certificates (mutual TLS).
-    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub credentials: Credentials,
 
     /// Address the ring all-reduce listener binds (`--allreduce ring` jobs): the left
     /// neighbour connects here.
@@ -82,12 +61,7 @@ impl Config {
             device: "cpu".into(),
             threads: None,
             connect_timeout_secs: 60,
-            join_token: None,
-            join_token_file: None,
-            tls_ca: None,
-            tls_domain: None,
-            tls_cert: None,
-            tls_key: None,
+            credentials: Credentials::default(),
             ring_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             ring_host: None,
             log_format: LogFormat::Text,
@@ -95,6 +69,42 @@ impl Config {
         }
     }
 
+    /// How long to keep trying to reach the coordinator.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+/// What a client shows the coordinator: the join token and TLS settings. The worker's flags,
+/// and those of `coordinator status`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Credentials {
+    /// Secret the coordinator requires on every call (see the coordinator's --join-token).
+    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+
+    /// File holding the join token.
+    #[arg(long, env = "LOCKSTEP_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the coordinator's certificate; connects with TLS (the
+    /// --coordinator URL must then be https://).
+    #[arg(long, env = "LOCKSTEP_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Name to expect in the coordinator's certificate [default: the URL's host].
+    #[arg(long, env = "LOCKSTEP_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+
+    /// PEM certificate and key to present to coordinators that require client certificates
+    /// (mutual TLS).
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Credentials {
     /// The join token, from the flag or the file.
     pub fn join_token(&self) -> Result<Option<JoinToken>, SecurityError> {
         JoinToken::resolve(self.join_token.clone(), self.join_token_file.clone())
@@ -107,10 +117,5 @@ impl Config {
             domain: self.tls_domain.clone(),
             cert_key: self.tls_cert.clone().zip(self.tls_key.clone()),
         })
-    }
-
-    /// How long to keep trying to reach the coordinator.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.connect_timeout_secs)
     }
 }

@@ -13,7 +13,7 @@ mod ring_replica;
 mod session;
 mod transfer;
 
-pub use config::Config;
+pub use config::{Config, Credentials};
 pub use error::{Error, Result};
 pub use executor::Executor;
 pub use process::{LogFormat, init_tracing, init_tracing_to, main_with, shutdown_on_signals};

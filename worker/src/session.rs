@@ -49,7 +49,7 @@ pub type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let device = parse_device(&config.device)?;
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
-    let auth = ClientAuth::new(config.join_token()?);
+    let auth = ClientAuth::new(config.credentials.join_token()?);
     let endpoint = endpoint(&config)?;
     let mut dataset = load_local(data_dir.clone()).await?;
     // Bound once: the ring port a worker advertises stays the same across registrations.
@@ -398,7 +398,7 @@ fn endpoint(config: &Config) -> Result<Endpoint> {
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
     let https = url.starts_with("https://");
-    match config.tls() {
+    match config.credentials.tls() {
         Some(tls) if https => {
             endpoint = endpoint
                 .tls_config(tls.load()?)

@@ -1,10 +1,6 @@
-use super::{figure::Figure, font::FAMILY};
+use super::{figure::Figure, font::centred};
 use common::dataset::CLASSES;
-use plotters::{
-    coord::Shift,
-    prelude::*,
-    style::text_anchor::{HPos, Pos, VPos},
-};
+use plotters::{coord::Shift, prelude::*};
 
 /// Side of one cell, in pixels.
 const CELL: i32 = 52;
@@ -49,9 +45,6 @@ impl Figure for ConfusionMatrix {
         root.fill(&WHITE)?;
         let (width, _) = self.size();
         let side = CELL * CLASSES as i32;
-        let centred = |size| {
-            TextStyle::from((FAMILY, size).into_font()).pos(Pos::new(HPos::Center, VPos::Center))
-        };
         root.draw(&Text::new(
             "Confusion matrix",
             (width as i32 / 2, 22),

@@ -1,10 +1,6 @@
-use super::{figure::Figure, font::FAMILY};
+use super::{figure::Figure, font::centred};
 use common::dataset::IMAGE_SIDE;
-use plotters::{
-    coord::Shift,
-    prelude::*,
-    style::text_anchor::{HPos, Pos, VPos},
-};
+use plotters::{coord::Shift, prelude::*};
 
 /// Screen pixels per image pixel.
 const SCALE: i32 = 4;
@@ -61,9 +57,6 @@ impl Figure for DigitGrid {
         root.fill(&WHITE)?;
         let (width, _) = self.size();
         let width = width as i32;
-        let centred = |size| {
-            TextStyle::from((FAMILY, size).into_font()).pos(Pos::new(HPos::Center, VPos::Center))
-        };
         root.draw(&Text::new(self.title.clone(), (width / 2, 30), centred(22)))?;
         if self.cells.is_empty() {
             root.draw(&Text::new(

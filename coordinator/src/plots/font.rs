@@ -1,4 +1,7 @@
-use plotters::style::{FontStyle, register_font};
+use plotters::style::{
+    FontStyle, IntoFont, TextStyle, register_font,
+    text_anchor::{HPos, Pos, VPos},
+};
 use std::sync::Once;
 
 /// The font family every plot's text names.
@@ -16,4 +19,9 @@ pub fn register() {
         let registered = register_font(FAMILY, FontStyle::Normal, DEJAVU_SANS).is_ok();
         assert!(registered, "the embedded font parses");
     });
+}
+
+/// Text of `size` pixels in [`FAMILY`], centred on the point it is drawn at.
+pub fn centred(size: u32) -> TextStyle<'static> {
+    TextStyle::from((FAMILY, size).into_font()).pos(Pos::new(HPos::Center, VPos::Center))
 }

@@ -7,7 +7,6 @@ mod averaging;
 mod checkpoint;
 mod config;
 mod console;
-mod device;
 mod error;
 mod event;
 mod local_workers;

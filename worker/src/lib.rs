@@ -17,4 +17,4 @@ pub use config::{Config, Credentials};
 pub use error::{Error, Result};
 pub use executor::Executor;
 pub use process::{LogFormat, init_tracing, init_tracing_to, main_with, shutdown_on_signals};
-pub use session::run;
+pub use session::{parse_device, run};

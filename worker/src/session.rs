@@ -470,7 +470,8 @@ async fn load_local(dir: PathBuf) -> Result<Option<Dataset>> {
     .map_err(Error::from)
 }
 
-fn parse_device(name: &str) -> Result<Device> {
+/// The device named `cpu` or `cuda:N`, as `--device` takes it.
+pub fn parse_device(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }

@@ -1,12 +1,13 @@
-//! `--allreduce ring`: the workers sum their gradients over TCP among themselves. The same
-//! promises as with the parameter server: every sample of every epoch trained once, the
-//! accuracy of a fault-free run, whatever happens to the workers or the coordinator.
+//! `--allreduce ring`: the workers sum their gradients among themselves, through shared memory
+//! on one host or over TCP. The same promises as with the parameter server: every sample of
+//! every epoch trained once, the accuracy of a fault-free run, whatever happens to the workers
+//! or the coordinator.
 
 use crate::faults::{
-    assert_joined, assert_lost, check_job, coordinator_sigkilled_and_resumed, lost_line, seconds,
-    wait_admitted, wait_step,
+    assert_joined, assert_lost, check_job, coordinator_sigkilled_and_resumed, lost_line,
+    same_bytes, seconds, wait_admitted, wait_step,
 };
-use crate::procs::{Job, Procs, baseline, metrics};
+use crate::procs::{Job, Procs, WAIT, baseline, epoch_checkpoint, metrics};
 use crate::support::init_logging;
 use libc::{SIGCONT, SIGKILL, SIGSTOP};
 use tracing::info;
@@ -50,6 +51,40 @@ fn ring_training_matches_the_parameter_server() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The transport does not change the sums: workers kept on TCP by `--ring-shared-memory
+/// false` train the same bits as the fault-free run, whose workers summed in shared memory.
+#[test]
+fn a_ring_over_tcp_trains_the_bits_of_a_ring_in_shared_memory() -> anyhow::Result<()> {
+    init_logging();
+    let job = Job::mlp(2, 1).ring();
+    let in_shared_memory = baseline(&job);
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let flags = ["--ring-shared-memory", "false"];
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &[], &flags);
+    for worker in &cluster.workers {
+        let connected = worker.log.wait_for("ring connected");
+        assert!(
+            connected.text.contains(
+                "summing over TCP (no shared memory: rank 0: shared memory is turned off)"
+            ),
+            "{}",
+            connected.text
+        );
+    }
+    let status = procs.wait_exit(&cluster.coordinator, WAIT);
+    assert!(status.success(), "coordinator: {status}");
+    assert!(
+        same_bytes(
+            &epoch_checkpoint(&cluster.run_dir, 1),
+            &epoch_checkpoint(&in_shared_memory.run_dir, 1)
+        ),
+        "the parameters differ from the shared-memory run's ({})",
+        in_shared_memory.run_dir.display()
+    );
+    Ok(())
+}
+
 #[test]
 fn ring_worker_killed_then_stopped_the_ring_is_rebuilt_each_time() -> anyhow::Result<()> {
     init_logging();
@@ -59,6 +94,15 @@ fn ring_worker_killed_then_stopped_the_ring_is_rebuilt_each_time() -> anyhow::Re
     let mut procs = Procs::new();
     let cluster = procs.cluster(&job, &dir.path().join("run"), FLAGS, &[]);
     let log = &cluster.coordinator.log;
+    // Workers of one host: the kill and the stop below hit a ring in shared memory.
+    for worker in &cluster.workers {
+        let connected = worker.log.wait_for("ring connected");
+        assert!(
+            connected.text.contains("summing over shared memory"),
+            "{}",
+            connected.text
+        );
+    }
 
     info!("--- SIGKILL a worker after step {FAULT_STEP}");
     let killed_worker = cluster.workers[1].clone();

@@ -1,5 +1,6 @@
-//! Ring allreduce of LeNet's 431,080 gradients over loopback TCP, against what the machine
-//! can move: memcpy, one TCP stream, and two streams in opposite directions at once.
+//! Ring allreduce of LeNet's 431,080 gradients, over loopback TCP and through shared memory,
+//! against what the machine can move: memcpy, one TCP stream, and two streams in opposite
+//! directions at once.
 //!
 //! `cargo bench -p worker --bench allreduce` prints a markdown table and writes
 //! `target/bench/allreduce.json`.
@@ -15,13 +16,15 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use worker::ring::{Ring, RingConfig, RingListener};
+use worker::ring::{Ring, RingConfig, RingListener, Transport};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-/// Set in a child process to its rank; [`SIZE_ENV`] to the ring size.
+/// Set in a child process to its rank; [`SIZE_ENV`] to the ring size, [`SHARED_ENV`] to its
+/// `shared_memory_floats`.
 const RANK_ENV: &str = "LOCKSTEP_RING_BENCH_RANK";
 const SIZE_ENV: &str = "LOCKSTEP_RING_BENCH_SIZE";
+const SHARED_ENV: &str = "LOCKSTEP_RING_BENCH_SHARED";
 /// LeNet-5's parameter count: one gradient.
 const FLOATS: usize = 431_080;
 const RING_SIZES: [usize; 2] = [2, 4];
@@ -40,6 +43,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Serialize, Deserialize)]
 struct RankReport {
     rank: usize,
+    transport: String,
     /// Seconds of each measured allreduce.
     seconds: Vec<f64>,
     /// Means over the measured allreduces of [`worker::ring::RingTimings`], in seconds.
@@ -53,6 +57,8 @@ struct RankReport {
 #[derive(Debug, Serialize)]
 struct RingResult {
     ranks: usize,
+    /// What the ring settled on: shared memory, or TCP.
+    transport: String,
     floats: usize,
     bytes: usize,
     repetitions: usize,
@@ -90,7 +96,8 @@ fn main() -> Result<()> {
     match std::env::var(RANK_ENV) {
         Ok(rank) => {
             let size = std::env::var(SIZE_ENV)?.parse()?;
-            let report = child(rank.parse()?, size)?;
+            let shared = std::env::var(SHARED_ENV)?.parse()?;
+            let report = child(rank.parse()?, size, shared)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -104,8 +111,8 @@ fn run_all() -> Result<()> {
     let duplex = best_of(BANDWIDTH_TRIES, || tcp_bandwidth(2))?;
     let bytes = FLOATS * 4;
     let mut rings = Vec::new();
-    for n in RING_SIZES {
-        let mut per_rank = run_ring(n)?;
+    for (n, shared) in RING_SIZES.into_iter().flat_map(|n| [(n, 0), (n, FLOATS)]) {
+        let mut per_rank = run_ring(n, shared)?;
         per_rank.sort_by_key(|r| r.rank);
         let mut slowest: Vec<f64> = (0..REPETITIONS)
             .map(|i| per_rank.iter().map(|r| r.seconds[i]).fold(0.0, f64::max))
@@ -116,6 +123,7 @@ fn run_all() -> Result<()> {
         let bound_ms = moved / (one_way * 1e9) * 1e3;
         rings.push(RingResult {
             ranks: n,
+            transport: per_rank[0].transport.clone(),
             floats: FLOATS,
             bytes,
             repetitions: REPETITIONS,
@@ -216,7 +224,7 @@ fn best_of(tries: usize, measure: impl Fn() -> Result<f64>) -> Result<f64> {
 }
 
 /// Starts `n` rank processes, tells each the others' addresses and collects their reports.
-fn run_ring(n: usize) -> Result<Vec<RankReport>> {
+fn run_ring(n: usize, shared: usize) -> Result<Vec<RankReport>> {
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     let mut addrs = Vec::new();
@@ -224,6 +232,7 @@ fn run_ring(n: usize) -> Result<Vec<RankReport>> {
         let mut child = Command::new(&exe)
             .env(RANK_ENV, rank.to_string())
             .env(SIZE_ENV, n.to_string())
+            .env(SHARED_ENV, shared.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -256,7 +265,7 @@ fn run_ring(n: usize) -> Result<Vec<RankReport>> {
 
 /// One rank: forms the ring, warms up, then times [`REPETITIONS`] allreduces, each after a
 /// one-float allreduce that lines the ranks up.
-fn child(rank: usize, size: usize) -> Result<RankReport> {
+fn child(rank: usize, size: usize, shared: usize) -> Result<RankReport> {
     let listener = RingListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     println!("{}", listener.local_addr());
     std::io::stdout().flush()?;
@@ -273,6 +282,7 @@ fn child(rank: usize, size: usize) -> Result<RankReport> {
         generation: 1,
         key: *b"allreduce-bench!",
         timeout: TIMEOUT,
+        shared_memory_floats: shared,
     };
     let mut ring = Ring::connect(&listener, &config)?;
     let input: Vec<f32> = (0..FLOATS).map(|i| (rank + i % 7) as f32).collect();
@@ -283,6 +293,11 @@ fn child(rank: usize, size: usize) -> Result<RankReport> {
     let mut step = 0;
     let mut report = RankReport {
         rank,
+        transport: match ring.transport() {
+            Transport::SharedMemory { .. } => "shared memory".into(),
+            Transport::Tcp { .. } => "tcp".into(),
+            Transport::Alone => "none".into(),
+        },
         seconds: Vec::new(),
         mean_receive_s: 0.0,
         mean_reduce_s: 0.0,
@@ -326,13 +341,14 @@ fn print_table(report: &Report) {
         report.memcpy_gb_per_s, report.tcp_one_way_gb_per_s, report.tcp_duplex_gb_per_s_each
     );
     println!(
-        "| ranks | floats | median ms | p90 ms | min ms | bound ms | duplex bound ms | shared bound ms | median / bound |"
+        "| ranks | transport | floats | median ms | p90 ms | min ms | bound ms | duplex bound ms | shared bound ms | median / bound |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for ring in &report.rings {
         println!(
-            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            "| {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
             ring.ranks,
+            ring.transport,
             ring.floats,
             ring.median_ms,
             ring.p90_ms,
@@ -344,13 +360,15 @@ fn print_table(report: &Report) {
         );
     }
     println!(
-        "\nmean per rank, ms: receive (blocked reading) / reduce / send (sender thread) / drain"
+        "\nmean per rank, ms: receive (blocked reading; in shared memory, waiting in barriers) / \
+         reduce (in shared memory, all copying and adding) / send (sender thread) / drain"
     );
     for ring in &report.rings {
         for r in &ring.per_rank {
             println!(
-                "  {} ranks, rank {}: {:.3} / {:.3} / {:.3} / {:.3}",
+                "  {} ranks, {}, rank {}: {:.3} / {:.3} / {:.3} / {:.3}",
                 ring.ranks,
+                ring.transport,
                 r.rank,
                 r.mean_receive_s * 1e3,
                 r.mean_reduce_s * 1e3,

@@ -43,6 +43,11 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_RING_HOST")]
     pub ring_host: Option<String>,
 
+    /// Whether a ring whose members all run on this host (and share its /dev/shm) sums
+    /// through shared memory instead of over loopback TCP.
+    #[arg(long, env = "LOCKSTEP_RING_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ring_shared_memory: bool,
+
     /// How log lines are written: text, or json (one object per line).
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -64,6 +69,7 @@ impl Config {
             credentials: Credentials::default(),
             ring_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             ring_host: None,
+            ring_shared_memory: true,
             log_format: LogFormat::Text,
             fail_after_steps: None,
         }

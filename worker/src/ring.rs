@@ -14,6 +14,13 @@
 //! buffer and queued at once for the next round, so reducing overlaps the transfer and the
 //! rounds pipeline; a sender thread per ring writes while the caller's thread reads.
 //!
+//! # Shared memory
+//! When every member can map one segment of shared memory (they run on one host), buffers up
+//! to [`RingConfig::shared_memory_floats`] are summed there instead ([`shm`]): each rank sums
+//! its segment straight from the others' buffers, in the same order as below, so the bits do
+//! not depend on the transport. The TCP connections stay: they carry the negotiation, show
+//! when a neighbour dies, and carry any longer buffer.
+//!
 //! # Determinism
 //! Each element of segment s is summed in ring order starting at rank s:
 //! `((x_s + x_{s+1}) + x_{s+2}) + ...`, as f32. For the same inputs and ring size the result is
@@ -24,7 +31,9 @@
 //! All little-endian. A connection starts with a 44-byte hello each way ([`wire::Hello`]):
 //! magic `LSTPRING`, version u32, generation u64, sender rank u32, ring size u32, key 16 bytes.
 //! The dialler (the left neighbour) speaks first; the listener answers only if everything
-//! matches, else it closes the connection and waits for another. Then the dialler sends
+//! matches, else it closes the connection and waits for another. Then an [`wire::Offer`]
+//! goes round the ring from rank 0 (usable flag, then a length-prefixed text: the segment's
+//! path or why not) and round again to rank n-1 with the outcome. Then the dialler sends
 //! frames: a 32-byte header ([`wire::FrameHeader`]: step u64, total floats u64, chunk offset
 //! u64, round u32, count u32) and `count` f32. Every round sends at least one frame, even for
 //! an empty segment, so a length disagreement is reported by the first header.
@@ -41,6 +50,7 @@ mod error;
 mod listener;
 mod segments;
 mod sender;
+mod shm;
 mod wire;
 
 pub use config::RingConfig;
@@ -50,10 +60,12 @@ pub use listener::RingListener;
 use common::ids::Rank;
 use segments::{chunks, segment};
 use sender::{Sender, Sent};
-use std::io::Read;
-use std::net::{Shutdown, TcpStream};
+use shm::SharedRing;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
-use wire::{Frame, FrameHeader, Hello, VERSION};
+use wire::{Frame, FrameHeader, Hello, Offer, VERSION};
 
 /// Floats per frame: 256 KiB. Small enough that a chunk is reduced and forwarded while the
 /// next arrives; large enough that per-frame costs (a header, a wake-up of the sender thread)
@@ -68,14 +80,40 @@ pub struct Ring {
     rank: usize,
     size: usize,
     state: State,
+    transport: Transport,
 }
 
 enum State {
     /// A ring of one: the sum is the buffer itself.
     Alone,
-    Linked(Links),
+    Linked(Box<Links>),
     /// Failed earlier with this error; its connections are closed.
     Broken(String),
+}
+
+/// How a ring sums its members' buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A ring of one: nothing to sum.
+    Alone,
+    /// Through one segment of shared memory, for buffers up to this many floats; TCP beyond.
+    SharedMemory { floats: usize },
+    /// Over the TCP connections, and why not through shared memory.
+    Tcp { why_not_shared: String },
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Alone => f.write_str("no transport (a ring of one)"),
+            Transport::SharedMemory { floats } => {
+                write!(f, "shared memory (up to {floats} floats)")
+            }
+            Transport::Tcp { why_not_shared } => {
+                write!(f, "TCP (no shared memory: {why_not_shared})")
+            }
+        }
+    }
 }
 
 /// The two connections of a ring of two or more.
@@ -87,7 +125,13 @@ struct Links {
     right_peer: Peer,
     /// Receives frames from the left neighbour; the right connection belongs to `sender`.
     left: TcpStream,
+    /// A handle on the right connection, to notice the neighbour closing it.
+    right: TcpStream,
     sender: Sender,
+    /// Every member's address, to name members in errors of the shared-memory transport.
+    peers: Vec<SocketAddr>,
+    /// The segment when every member mapped it.
+    shared: Option<SharedRing>,
     /// Frames back from the sender thread, reused by the next reads and sends.
     pool: Vec<Frame>,
 }
@@ -98,8 +142,10 @@ pub struct RingTimings {
     /// The whole call.
     pub total: Duration,
     /// The caller's thread blocked reading from the left: waiting for data and copying it in.
+    /// In shared memory: waiting in the barriers for the other members.
     pub receive: Duration,
-    /// Adding received chunks, copying reduced ones and encoding this rank's own segment.
+    /// Adding received chunks, copying reduced ones and encoding this rank's own segment. In
+    /// shared memory: copying in, summing this rank's segment and copying the others' out.
     pub reduce: Duration,
     /// The sender thread in writes to the right (concurrent with the two above).
     pub send: Duration,
@@ -118,9 +164,13 @@ impl Ring {
         config.validate()?;
         let size = config.size();
         let rank = config.rank.0 as usize;
-        let ring = |state| Ring { rank, size, state };
         if size == 1 {
-            return Ok(ring(State::Alone));
+            return Ok(Ring {
+                rank,
+                size,
+                state: State::Alone,
+                transport: Transport::Alone,
+            });
         }
         let hello_of = |rank: usize| Hello {
             version: VERSION,
@@ -177,18 +227,32 @@ impl Ring {
                 .and_then(|()| stream.set_write_timeout(Some(config.timeout)))
                 .map_err(setup(peer, direction))?;
         }
+        let (shared, transport) = negotiate(config, &right, &left, left_peer, right_peer)?;
         let sender =
             Sender::spawn(&right, &left).map_err(setup(right_peer, Direction::SendingTo))?;
-        Ok(ring(State::Linked(Links {
+        Ok(Ring {
             rank,
             size,
-            timeout: config.timeout,
-            left_peer,
-            right_peer,
-            left,
-            sender,
-            pool: Vec::new(),
-        })))
+            transport,
+            state: State::Linked(Box::new(Links {
+                rank,
+                size,
+                timeout: config.timeout,
+                left_peer,
+                right_peer,
+                left,
+                right,
+                sender,
+                peers: config.peers.clone(),
+                shared,
+                pool: Vec::new(),
+            })),
+        })
+    }
+
+    /// How this ring sums: what the members settled on when it formed.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
     }
 
     /// Sums `data` elementwise across all ranks, in place; every rank ends with the same bits.
@@ -225,8 +289,204 @@ impl Ring {
     }
 }
 
+/// Settles the transport: rank 0 makes a segment and offers it round the ring, each member
+/// maps it or says why not, and the outcome goes round once more. Returns this member's
+/// segment if all of them mapped it.
+fn negotiate(
+    config: &RingConfig,
+    right: &TcpStream,
+    left: &TcpStream,
+    left_peer: Peer,
+    right_peer: Peer,
+) -> Result<(Option<SharedRing>, Transport), RingError> {
+    let (rank, size) = (config.rank.0 as usize, config.size());
+    let send = |offer: &Offer| {
+        (&*right).write_all(&offer.encode()).map_err(|e| {
+            RingError::io(
+                right_peer,
+                Direction::SendingTo,
+                Phase::Handshake,
+                config.timeout,
+                e,
+            )
+        })
+    };
+    let receive = || {
+        let mut bytes = [0; Offer::LEN];
+        (&*left).read_exact(&mut bytes).map_err(|e| {
+            RingError::io(
+                left_peer,
+                Direction::ReceivingFrom,
+                Phase::Handshake,
+                config.timeout,
+                e,
+            )
+        })?;
+        Offer::decode(&bytes).map_err(|reason| RingError::Protocol {
+            peer: left_peer,
+            phase: Phase::Handshake,
+            reason,
+        })
+    };
+    let refused = |why: String| Offer {
+        usable: false,
+        text: format!("rank {rank}: {why}"),
+    };
+    let dir = Path::new(shm::SHM_DIR);
+    let mut segment = None;
+    let offer = if config.shared_memory_floats == 0 {
+        let offer = if rank == 0 { None } else { Some(receive()?) };
+        match offer {
+            Some(offer) if !offer.usable => offer,
+            _ => refused("shared memory is turned off".into()),
+        }
+    } else if rank == 0 {
+        SharedRing::create(
+            dir,
+            config.generation,
+            &config.key,
+            size,
+            config.shared_memory_floats,
+        )
+        .and_then(|made| {
+            let path = made.path().and_then(Path::to_str).map(str::to_owned);
+            segment = Some(made);
+            path.filter(|path| path.len() <= Offer::LEN - 2)
+                .ok_or_else(|| "the segment's path does not fit an offer".into())
+        })
+        .map_or_else(refused, |path| Offer {
+            usable: true,
+            text: path,
+        })
+    } else {
+        let offer = receive()?;
+        if offer.usable {
+            match SharedRing::open(
+                Path::new(&offer.text),
+                config.generation,
+                &config.key,
+                rank,
+                size,
+            ) {
+                Ok(opened) => {
+                    segment = Some(opened);
+                    offer
+                }
+                Err(why) => refused(why),
+            }
+        } else {
+            offer
+        }
+    };
+    send(&offer)?;
+    let outcome = if rank == 0 {
+        let outcome = receive()?;
+        send(&outcome)?;
+        outcome
+    } else {
+        let outcome = receive()?;
+        if rank + 1 < size {
+            send(&outcome)?;
+        }
+        outcome
+    };
+    Ok(match segment {
+        Some(mut segment) if outcome.usable => {
+            // Every member has the segment mapped by now: its name can go.
+            segment.unlink();
+            let floats = segment.capacity();
+            (Some(segment), Transport::SharedMemory { floats })
+        }
+        _ => (
+            None,
+            Transport::Tcp {
+                why_not_shared: outcome.text,
+            },
+        ),
+    })
+}
+
+/// A ring's view of its members while it waits in a shared-memory barrier.
+struct Neighbours<'a> {
+    rank: usize,
+    left: &'a TcpStream,
+    right: &'a TcpStream,
+    peers: &'a [SocketAddr],
+    timeout: Duration,
+}
+
+impl shm::Watch for Neighbours<'_> {
+    fn check(&mut self, phase: Phase) -> Result<(), RingError> {
+        let n = self.peers.len();
+        for (stream, rank, direction) in [
+            (self.left, (self.rank + n - 1) % n, Direction::ReceivingFrom),
+            (self.right, (self.rank + 1) % n, Direction::SendingTo),
+        ] {
+            let peer = self.peer(rank);
+            match peek(stream) {
+                Ok(None) => {}
+                Ok(Some(0)) => return Err(RingError::Closed { peer, phase }),
+                Ok(Some(_)) => {
+                    return Err(RingError::Protocol {
+                        peer,
+                        phase,
+                        reason: "data over TCP while this rank sums in shared memory \
+                                 (do the ranks' buffer lengths differ?)"
+                            .into(),
+                    });
+                }
+                Err(e) => return Err(RingError::io(peer, direction, phase, self.timeout, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn peer(&self, rank: usize) -> Peer {
+        Peer {
+            rank: Rank(rank as u32),
+            addr: self.peers[rank],
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Without blocking: `None` if nothing has arrived, `Some(0)` if the peer closed the
+/// connection, `Some(n)` if bytes are waiting.
+fn peek(stream: &TcpStream) -> std::io::Result<Option<usize>> {
+    stream.set_nonblocking(true)?;
+    let result = stream.peek(&mut [0; 1]);
+    stream.set_nonblocking(false)?;
+    match result {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 impl Links {
     fn allreduce(&mut self, step: u64, data: &mut [f32]) -> Result<RingTimings, RingError> {
+        if let Some(shared) = self.shared.as_mut().filter(|s| data.len() <= s.capacity()) {
+            let mut watch = Neighbours {
+                rank: self.rank,
+                left: &self.left,
+                right: &self.right,
+                peers: &self.peers,
+                timeout: self.timeout,
+            };
+            let (waited, worked) = shared.allreduce(step, data, &mut watch)?;
+            return Ok(RingTimings {
+                receive: waited,
+                reduce: worked,
+                ..RingTimings::default()
+            });
+        }
+        self.allreduce_tcp(step, data)
+    }
+
+    fn allreduce_tcp(&mut self, step: u64, data: &mut [f32]) -> Result<RingTimings, RingError> {
         let (rank, n) = (self.rank, self.size);
         let mut timings = RingTimings::default();
         let total = data.len() as u64;

@@ -36,6 +36,8 @@ pub struct RingReplica {
     /// Where NCCL sums (`--allreduce nccl`): the executor's device.
     device: Device,
     optimizer_config: OptimizerConfig,
+    /// Whether TCP rings may sum through shared memory when all members share this host.
+    shared_memory: bool,
     /// Parameters and optimiser after `committed` steps; `None` until the first `SetupRing`.
     model: Option<(Vec<f32>, Optimizer)>,
     committed: u64,
@@ -71,17 +73,19 @@ struct Pending {
 }
 
 impl RingReplica {
-    /// A replica that will join TCP rings through `listener`, or NCCL communicators on
-    /// `device`.
+    /// A replica that will join TCP rings through `listener` (summing through shared memory
+    /// where every member can, if `shared_memory`), or NCCL communicators on `device`.
     pub fn new(
         listener: Arc<RingListener>,
         device: Device,
         optimizer_config: OptimizerConfig,
+        shared_memory: bool,
     ) -> Self {
         RingReplica {
             listener,
             device,
             optimizer_config,
+            shared_memory,
             model: None,
             committed: 0,
             pending: None,
@@ -159,17 +163,24 @@ impl RingReplica {
             generation: setup.generation,
             key,
             timeout: Duration::from_secs_f64(setup.timeout_seconds),
+            // The one buffer a ring step sums: the gradient, as long as the parameters.
+            shared_memory_floats: match &self.model {
+                Some((parameters, _)) if self.shared_memory => parameters.len(),
+                _ => 0,
+            },
         };
         let started = Instant::now();
         let error = match Ring::connect(&self.listener, &config) {
             Ok(ring) => {
+                let transport = ring.transport().to_string();
                 self.ring = Some(Link::Tcp(Box::new(ring)));
                 info!(
                     generation = setup.generation,
                     rank,
                     size = config.peers.len(),
-                    "ring connected in {:.3} s",
-                    started.elapsed().as_secs_f64()
+                    "ring connected in {:.3} s; summing over {}",
+                    started.elapsed().as_secs_f64(),
+                    transport
                 );
                 String::new()
             }

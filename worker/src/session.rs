@@ -132,6 +132,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 Arc::clone(&ring_listener),
                 device.clone(),
                 job_config.optimizer,
+                config.ring_shared_memory,
             ),
         });
         let outcome = session.serve(&mut client, &mut slot, &shutdown).await;

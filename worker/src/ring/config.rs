@@ -20,6 +20,10 @@ pub struct RingConfig {
     /// long for its neighbours to arrive at each allreduce, so it must exceed the longest
     /// skew between ranks (the slowest rank's compute time), not just a network round trip.
     pub timeout: Duration,
+    /// The longest buffer, in floats, to sum through shared memory instead of TCP when every
+    /// member can map rank 0's segment (they run on one host and share its `/dev/shm`); the
+    /// segment takes 8n times this many bytes. 0 keeps the ring on TCP.
+    pub shared_memory_floats: usize,
 }
 
 impl RingConfig {

@@ -9,6 +9,10 @@ use std::sync::mpsc;
 const KEY: [u8; 16] = *b"0123456789abcdef";
 /// For tests that are not about timing: long enough for a loaded machine, and still an end.
 const PATIENT: Duration = Duration::from_secs(60);
+/// `shared_memory_floats` for a ring that stays on TCP.
+const TCP: usize = 0;
+/// ... and for one that sums up to LeNet's gradient through shared memory.
+const SHARED: usize = 431_080;
 
 fn listeners(n: usize) -> Vec<RingListener> {
     (0..n)
@@ -21,6 +25,7 @@ fn config(
     rank: usize,
     generation: u64,
     timeout: Duration,
+    shared_memory_floats: usize,
 ) -> RingConfig {
     RingConfig {
         rank: Rank(rank as u32),
@@ -28,23 +33,37 @@ fn config(
         generation,
         key: KEY,
         timeout,
+        shared_memory_floats,
     }
 }
 
 /// Forms a ring of generation `generation` on one thread per listener and runs `body` on
-/// each; the results come back in rank order.
+/// each; the results come back in rank order. `shared` is every rank's
+/// `shared_memory_floats`.
 fn on_ring<T: Send>(
     listeners: &[RingListener],
     generation: u64,
     timeout: Duration,
+    shared: usize,
+    body: impl Fn(usize, Ring) -> T + Sync,
+) -> Vec<T> {
+    on_mixed_ring(listeners, generation, timeout, |_| shared, body)
+}
+
+/// [`on_ring`] with each rank's `shared_memory_floats` from `shared`.
+fn on_mixed_ring<T: Send>(
+    listeners: &[RingListener],
+    generation: u64,
+    timeout: Duration,
+    shared: impl Fn(usize) -> usize + Sync,
     body: impl Fn(usize, Ring) -> T + Sync,
 ) -> Vec<T> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..listeners.len())
             .map(|rank| {
-                let body = &body;
+                let (body, shared) = (&body, &shared);
                 scope.spawn(move || {
-                    let config = config(listeners, rank, generation, timeout);
+                    let config = config(listeners, rank, generation, timeout, shared(rank));
                     let ring = Ring::connect(&listeners[rank], &config).unwrap();
                     body(rank, ring)
                 })
@@ -97,6 +116,18 @@ fn bits(data: &[f32]) -> Vec<u32> {
     data.iter().map(|x| x.to_bits()).collect()
 }
 
+/// Checks that a ring of two or more settled on the transport `shared` asks for.
+fn assert_transport(ring: &Ring, shared: usize) {
+    match ring.transport() {
+        Transport::Alone => assert_eq!(ring.size(), 1),
+        Transport::SharedMemory { floats } => assert_eq!(*floats, shared),
+        Transport::Tcp { why_not_shared } => {
+            assert_eq!(shared, TCP, "not in shared memory: {why_not_shared}");
+            assert!(why_not_shared.contains("turned off"), "{why_not_shared}");
+        }
+    }
+}
+
 /// The documented order: segment s is summed from rank s around the ring, in f32.
 fn ring_order_sum(inputs: &[Vec<f32>]) -> Vec<f32> {
     let n = inputs.len();
@@ -112,6 +143,16 @@ fn ring_order_sum(inputs: &[Vec<f32>]) -> Vec<f32> {
 
 #[test]
 fn sums_every_length_on_rings_of_one_to_five() {
+    sums_every_length(TCP);
+}
+
+#[test]
+fn sums_every_length_through_shared_memory() {
+    sums_every_length(SHARED);
+}
+
+/// Successive allreduces of many lengths on rings of one to five, each the ring-order sum.
+fn sums_every_length(shared: usize) {
     for n in 1..=5 {
         let lengths = [
             0,
@@ -125,7 +166,8 @@ fn sums_every_length_on_rings_of_one_to_five() {
         ];
         let listeners = listeners(n);
         // Successive allreduces of every length on one ring.
-        let results = on_ring(&listeners, 1, PATIENT, |rank, mut ring| {
+        let results = on_ring(&listeners, 1, PATIENT, shared, |rank, mut ring| {
+            assert_transport(&ring, shared);
             lengths
                 .iter()
                 .enumerate()
@@ -140,6 +182,11 @@ fn sums_every_length_on_rings_of_one_to_five() {
             let inputs: Vec<_> = (0..n).map(|rank| input(rank, step as u64, len)).collect();
             let results: Vec<_> = results.iter().map(|r| r[step].clone()).collect();
             assert_sum(&inputs, &results);
+            assert_eq!(
+                bits(&results[0]),
+                bits(&ring_order_sum(&inputs)),
+                "length {len}"
+            );
         }
     }
 }
@@ -151,7 +198,7 @@ fn repeats_and_rebuilds_give_the_same_bits() {
     let expected = bits(&ring_order_sum(&inputs));
     let listeners = listeners(n);
     for generation in [7, 8] {
-        let results = on_ring(&listeners, generation, PATIENT, |rank, mut ring| {
+        let results = on_ring(&listeners, generation, PATIENT, TCP, |rank, mut ring| {
             (0..3)
                 .map(|step| {
                     let mut data = inputs[rank].clone();
@@ -173,8 +220,29 @@ fn repeats_and_rebuilds_give_the_same_bits() {
 
 #[test]
 fn a_dropped_peer_fails_its_neighbours_at_once() {
-    let listeners = listeners(3);
-    let errors = on_ring(&listeners, 1, PATIENT, |rank, mut ring| {
+    a_dropped_peer_fails_the_others_at_once(3, TCP);
+}
+
+/// In shared memory every member notices, not only the neighbours: rank 3 of 4 does not
+/// border rank 1.
+#[test]
+fn a_dropped_peer_fails_every_member_of_a_shared_memory_ring_at_once() {
+    let errors = a_dropped_peer_fails_the_others_at_once(4, SHARED);
+    for rank in [0, 3] {
+        match &errors[rank] {
+            Some(RingError::Closed { peer, phase }) => {
+                assert_eq!(peer.rank, Rank(1), "rank {rank}");
+                assert_eq!(*phase, Phase::ReduceScatter { step: 1, round: 0 });
+            }
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
+}
+
+/// Rank 1 of `n` drops its ring after one allreduce; the others' next one fails, at once.
+fn a_dropped_peer_fails_the_others_at_once(n: usize, shared: usize) -> Vec<Option<RingError>> {
+    let listeners = listeners(n);
+    let errors = on_ring(&listeners, 1, PATIENT, shared, |rank, mut ring| {
         let mut data = input(rank, 0, 1000);
         ring.allreduce_sum(0, &mut data).unwrap();
         if rank == 1 {
@@ -197,12 +265,13 @@ fn a_dropped_peer_fails_its_neighbours_at_once() {
         }
         other => panic!("rank 2: {other:?}"),
     }
+    errors
 }
 
 #[test]
 fn a_broken_ring_stays_broken() {
     let listeners = listeners(2);
-    let errors = on_ring(&listeners, 1, PATIENT, |rank, mut ring| {
+    let errors = on_ring(&listeners, 1, PATIENT, TCP, |rank, mut ring| {
         if rank == 1 {
             return None;
         }
@@ -223,7 +292,7 @@ fn a_peer_dying_mid_frame_is_named_with_the_phase() {
     let len = 1000;
     std::thread::scope(|scope| {
         let real = scope.spawn(|| {
-            let config = config(&listeners, 0, 4, PATIENT);
+            let config = config(&listeners, 0, 4, PATIENT, TCP);
             let mut ring = Ring::connect(&listeners[0], &config).unwrap();
             ring.allreduce_sum(9, &mut input(0, 9, len)).unwrap_err()
         });
@@ -240,9 +309,15 @@ fn a_peer_dying_mid_frame_is_named_with_the_phase() {
         };
         let deadline = Instant::now() + PATIENT;
         let mut right = dial::dial_right(peer(0), &hello(1), &hello(0), deadline, PATIENT).unwrap();
-        let left = listeners[1]
+        let mut left = listeners[1]
             .accept_left(peer(0), &hello(0), &hello(1), deadline, PATIENT)
             .unwrap();
+        // Rank 0's offer (it has shared memory off) goes back to it, then comes the outcome.
+        let mut offer = [0; Offer::LEN];
+        left.read_exact(&mut offer).unwrap();
+        right.write_all(&offer).unwrap();
+        left.read_exact(&mut offer).unwrap();
+        assert!(!Offer::decode(&offer).unwrap().usable);
         let own = segment(len, 2, 1);
         let mut frame = [0; FrameHeader::LEN];
         FrameHeader {
@@ -268,12 +343,28 @@ fn a_peer_dying_mid_frame_is_named_with_the_phase() {
 
 #[test]
 fn a_stalled_peer_times_out_and_is_named() {
+    a_stalled_peer_times_out(TCP);
+}
+
+#[test]
+fn a_stalled_peer_of_a_shared_memory_ring_times_out_and_is_named() {
+    let errors = a_stalled_peer_times_out(SHARED);
+    match &errors[0] {
+        Some(RingError::Timeout { peer, phase, .. }) => {
+            assert_eq!(peer.rank, Rank(1));
+            assert_eq!(*phase, Phase::ReduceScatter { step: 5, round: 0 });
+        }
+        other => panic!("rank 0: {other:?}"),
+    }
+}
+
+fn a_stalled_peer_times_out(shared: usize) -> Vec<Option<RingError>> {
     // The timeout is the point here: short, and the stalled rank holds still for longer.
     let timeout = Duration::from_secs(2);
     let listeners = listeners(3);
     let (release, stalled) = mpsc::channel::<()>();
     let stalled = std::sync::Mutex::new(stalled);
-    let errors = on_ring(&listeners, 1, timeout, |rank, mut ring| {
+    let errors = on_ring(&listeners, 1, timeout, shared, |rank, mut ring| {
         if rank == 1 {
             // Holds its ring open, sending nothing, until the others have failed.
             let _ = stalled.lock().unwrap().recv();
@@ -303,6 +394,7 @@ fn a_stalled_peer_times_out_and_is_named() {
         other => panic!("rank 2: {other:?}"),
     }
     assert!(errors[0].is_some());
+    errors
 }
 
 #[test]
@@ -338,7 +430,7 @@ fn strangers_are_refused_and_the_ring_still_forms() {
     })
     .collect();
 
-    let results = on_ring(&listeners, generation, PATIENT, |rank, mut ring| {
+    let results = on_ring(&listeners, generation, PATIENT, TCP, |rank, mut ring| {
         let mut data = vec![rank as f32 + 1.0; 10];
         ring.allreduce_sum(0, &mut data).unwrap();
         data
@@ -359,7 +451,7 @@ fn strangers_are_refused_and_the_ring_still_forms() {
 #[test]
 fn mismatched_lengths_are_named() {
     let listeners = listeners(3);
-    let errors = on_ring(&listeners, 1, PATIENT, |rank, mut ring| {
+    let errors = on_ring(&listeners, 1, PATIENT, TCP, |rank, mut ring| {
         let len = if rank == 2 { 431_081 } else { 431_080 };
         ring.allreduce_sum(7, &mut vec![1.0; len]).unwrap_err()
     });
@@ -400,6 +492,132 @@ fn mismatched_lengths_are_named() {
     );
 }
 
+/// Every rank compares every other's length, and names the first that differs from its own.
+#[test]
+fn mismatched_lengths_in_shared_memory_are_named() {
+    let listeners = listeners(3);
+    let errors = on_ring(&listeners, 1, PATIENT, SHARED, |rank, mut ring| {
+        let len = if rank == 2 { 1001 } else { 1000 };
+        ring.allreduce_sum(7, &mut vec![1.0; len]).unwrap_err()
+    });
+    for (rank, error) in errors.iter().enumerate() {
+        let (named, theirs, ours) = if rank == 2 {
+            (0, 1000, 1001)
+        } else {
+            (2, 1001, 1000)
+        };
+        match error {
+            RingError::LengthMismatch {
+                peer,
+                step: 7,
+                theirs: t,
+                ours: o,
+            } if peer.rank == Rank(named) && *t == theirs && *o == ours => {}
+            other => panic!("rank {rank}: {other}"),
+        }
+        assert!(!error.is_retryable());
+    }
+}
+
+/// Buffers longer than the segment go over TCP, shorter ones through it, on the same ring,
+/// and both give the ring-order sum.
+#[test]
+fn buffers_beyond_the_segment_go_over_tcp() {
+    let n = 3;
+    let lengths = [100, 5000, 99, 100, 7000, 1];
+    let listeners = listeners(n);
+    let results = on_ring(&listeners, 1, PATIENT, 100, |rank, mut ring| {
+        assert_eq!(*ring.transport(), Transport::SharedMemory { floats: 100 });
+        lengths
+            .iter()
+            .enumerate()
+            .map(|(step, &len)| {
+                let mut data = input(rank, step as u64, len);
+                let timings = ring.allreduce_sum(step as u64, &mut data).unwrap();
+                assert_eq!(timings.bytes_sent > 0, len > 100, "length {len}");
+                data
+            })
+            .collect::<Vec<_>>()
+    });
+    for (step, &len) in lengths.iter().enumerate() {
+        let inputs: Vec<_> = (0..n).map(|rank| input(rank, step as u64, len)).collect();
+        for result in &results {
+            assert_eq!(bits(&result[step]), bits(&ring_order_sum(&inputs)));
+        }
+    }
+}
+
+/// A member that cannot (here: will not) map the segment keeps the whole ring on TCP, and
+/// every member learns which one and why.
+#[test]
+fn one_member_without_shared_memory_keeps_the_ring_on_tcp() {
+    for holdout in 0..3 {
+        let listeners = listeners(3);
+        let shared = |rank| if rank == holdout { TCP } else { SHARED };
+        let results = on_mixed_ring(&listeners, 1, PATIENT, shared, |rank, mut ring| {
+            let mut data = input(rank, 0, 1000);
+            let timings = ring.allreduce_sum(0, &mut data).unwrap();
+            assert!(timings.bytes_sent > 0);
+            (ring.transport().clone(), data)
+        });
+        let inputs: Vec<_> = (0..3).map(|rank| input(rank, 0, 1000)).collect();
+        for (transport, data) in results {
+            assert_eq!(
+                transport,
+                Transport::Tcp {
+                    why_not_shared: format!("rank {holdout}: shared memory is turned off")
+                }
+            );
+            assert_eq!(bits(&data), bits(&ring_order_sum(&inputs)));
+        }
+    }
+}
+
+/// The segment's name is gone once the ring has formed: a crash later leaves nothing behind.
+#[test]
+fn the_segment_leaves_no_file_behind() {
+    let listeners = listeners(2);
+    let key = *b"segment-file-key";
+    // A segment holds its ring's key at bytes 16..32.
+    let ours = |path: &std::path::Path| {
+        let mut head = [0; 32];
+        std::fs::File::open(path)
+            .is_ok_and(|mut file| file.read_exact(&mut head).is_ok() && head[16..] == key)
+    };
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let listeners = &listeners;
+                scope.spawn(move || {
+                    let config = RingConfig {
+                        key,
+                        ..config(listeners, rank, 1, PATIENT, 1000)
+                    };
+                    let mut ring = Ring::connect(&listeners[rank], &config).unwrap();
+                    let mut data = vec![1.0; 1000];
+                    ring.allreduce_sum(0, &mut data).unwrap();
+                    // Looked for while the ring, and so its segment, is still alive.
+                    let files: Vec<_> = std::fs::read_dir(shm::SHM_DIR)
+                        .unwrap()
+                        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                        .filter(|path| ours(path))
+                        .collect();
+                    (ring.transport().clone(), data, files)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (transport, data, files) in results {
+        assert_eq!(transport, Transport::SharedMemory { floats: 1000 });
+        assert_eq!(data, vec![2.0; 1000]);
+        assert!(files.is_empty(), "{files:?}");
+    }
+}
+
 /// The worker moves its ring to the compute thread and keeps the listener for later ones.
 #[test]
 fn ring_and_listener_can_move_between_threads() {
@@ -413,7 +631,7 @@ fn ring_and_listener_can_move_between_threads() {
 #[test]
 fn invalid_configs_are_refused() {
     let listeners = listeners(2);
-    let mut bad = config(&listeners, 2, 1, PATIENT);
+    let mut bad = config(&listeners, 2, 1, PATIENT, TCP);
     assert!(matches!(
         Ring::connect(&listeners[0], &bad),
         Err(RingError::Config(_))
@@ -430,10 +648,16 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
     #[test]
-    fn any_ring_sums_any_length(n in 1usize..=4, len in 0usize..3000, step: u64) {
+    fn any_ring_sums_any_length(
+        n in 1usize..=4,
+        len in 0usize..3000,
+        step: u64,
+        shared in prop_oneof![Just(TCP), Just(3000)],
+    ) {
         let inputs: Vec<_> = (0..n).map(|rank| input(rank, step, len)).collect();
         let listeners = listeners(n);
-        let results = on_ring(&listeners, 1, PATIENT, |rank, mut ring| {
+        let results = on_ring(&listeners, 1, PATIENT, shared, |rank, mut ring| {
+            assert_transport(&ring, shared);
             let mut data = inputs[rank].clone();
             ring.allreduce_sum(step, &mut data).unwrap();
             data

@@ -1,12 +1,13 @@
 //! The two messages on a ring connection, little-endian with fixed layouts.
 //!
-//! A connection carries one [`Hello`] each way, then only frames from the dialling side (the
-//! left neighbour) to the accepting side: a [`FrameHeader`] and `count` f32.
+//! A connection carries one [`Hello`] each way, then from the dialling side (the left
+//! neighbour) to the accepting side one or two [`Offer`]s, which settle the transport, and
+//! then only frames: a [`FrameHeader`] and `count` f32.
 
 /// Opens every hello, so that a stray client of another protocol is recognised at once.
 pub(super) const MAGIC: [u8; 8] = *b"LSTPRING";
 /// Bumped whenever either layout changes.
-pub(super) const VERSION: u32 = 1;
+pub(super) const VERSION: u32 = 2;
 
 /// Who is speaking and for which ring: all of it must match before any data flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,52 @@ impl Hello {
         } else {
             None
         }
+    }
+}
+
+/// Whether the ring can sum through rank 0's shared-memory segment: sent round the ring once
+/// to collect every member's answer, then once more to tell every member the outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Offer {
+    /// Every member so far has mapped the segment.
+    pub usable: bool,
+    /// The segment's path while usable; otherwise why not, naming the rank.
+    pub text: String,
+}
+
+impl Offer {
+    /// usable 1, text length 1, text up to 254 bytes of UTF-8 (a longer text is cut).
+    pub const LEN: usize = 256;
+    const TEXT: usize = Self::LEN - 2;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut end = self.text.len().min(Self::TEXT);
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut out = [0; Self::LEN];
+        out[0] = u8::from(self.usable);
+        out[1] = end as u8;
+        out[2..2 + end].copy_from_slice(&self.text.as_bytes()[..end]);
+        out
+    }
+
+    pub fn decode(bytes: &[u8; Self::LEN]) -> Result<Offer, String> {
+        let usable = match bytes[0] {
+            0 => false,
+            1 => true,
+            other => return Err(format!("an offer with flag {other}")),
+        };
+        let len = usize::from(bytes[1]);
+        if len > Self::TEXT {
+            return Err(format!("an offer of {len} bytes"));
+        }
+        let text = std::str::from_utf8(&bytes[2..2 + len])
+            .map_err(|_| "an offer that is not UTF-8".to_owned())?;
+        Ok(Offer {
+            usable,
+            text: text.to_owned(),
+        })
     }
 }
 
@@ -183,6 +230,16 @@ mod tests {
             let mut bytes = [0; FrameHeader::LEN];
             header.encode(&mut bytes);
             prop_assert_eq!(FrameHeader::decode(&bytes), header);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn offers_round_trip_and_long_texts_are_cut_at_a_character(usable: bool, text in ".{0,300}") {
+            let decoded = Offer::decode(&Offer { usable, text: text.clone() }.encode()).unwrap();
+            prop_assert_eq!(decoded.usable, usable);
+            prop_assert!(text.starts_with(&decoded.text));
+            prop_assert!(decoded.text.len() == text.len() || decoded.text.len() > Offer::LEN - 6);
         }
     }
 

@@ -4,8 +4,8 @@
 #   scripts/bench.sh [PYTHON]     (PYTHON: an interpreter with torch; default python3)
 #
 # 1. single-process training and evaluation images/s per model at 1 and 2 threads;
-# 2. one ring all-reduce of LeNet's 431,080 floats at 2 and 4 ranks against the loopback
-#    bandwidth bound;
+# 2. one ring all-reduce of LeNet's 431,080 floats at 2 and 4 ranks, over TCP and through
+#    shared memory, against the loopback bandwidth bound;
 # 3. cluster images/s of LeNet at 1, 2 and 4 workers, parameter server and ring, with the
 #    time per step computing, communicating and the rest, then the wall time to 99% test
 #    accuracy for LeNet with --workers 4;

@@ -1,4 +1,4 @@
-//! Process-wide memory allocator settings for processes that train.
+//! Process-wide memory allocator settings for processes that train or coordinate training.
 
 /// Keeps freed memory in the process instead of handing it back to the kernel at once.
 ///

@@ -35,6 +35,9 @@ fn main() -> ExitCode {
         Some(Command::Plot(args)) => coordinator::plots::main(args),
         Some(Command::Predict(args)) => coordinator::predict::main(args),
         None => {
+            // Every step encodes the parameters and decodes a gradient per worker: buffers of
+            // the model's size that glibc would otherwise map and zero afresh each time.
+            common::allocator::keep_freed_memory();
             coordinator::init_logging(cli.config.log_format);
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
             runtime.block_on(coordinate(cli.config))

@@ -169,6 +169,7 @@ pub async fn run(
         server
             .initial_stream_window_size(proto::WINDOW_BYTES)
             .initial_connection_window_size(proto::WINDOW_BYTES)
+            .max_frame_size(proto::FRAME_BYTES)
             // Pings find peers that vanished without closing their connection (a partition,
             // a powered-off host); the heartbeats find those that are stopped or stuck.
             .http2_keepalive_interval(Some(config.worker_timeout()))

@@ -394,6 +394,7 @@ fn endpoint(config: &Config) -> Result<Endpoint> {
         .tcp_nodelay(true)
         .initial_stream_window_size(proto::WINDOW_BYTES)
         .initial_connection_window_size(proto::WINDOW_BYTES)
+        .max_frame_size(proto::FRAME_BYTES)
         // A coordinator that vanished without closing the connection is noticed by pings.
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))

@@ -91,7 +91,7 @@ pub async fn run(
             check_resumable(&r.state, &params.layout_digest(), &dataset_digest)?;
             let averaging =
                 ParameterServer::resume(r.parameters.clone(), job.optimizer, r.optimizer.clone())?;
-            let run_dir = RunDir::reopen(&dir, &r.state.records)?;
+            let run_dir = RunDir::reopen(&dir, &r.state.records, r.state.global_step)?;
             (r.state.job_id.clone(), run_dir, averaging)
         }
         None => {

@@ -55,9 +55,10 @@ impl RunDir {
     /// Opens the directory of a job being resumed. `metrics.jsonl` is rewritten to hold
     /// exactly the checkpoint's completed epochs: lines of an epoch that was being finished
     /// when the coordinator died are dropped, since that epoch is finished again.
-    /// `progress.jsonl` is appended to: records of steps done again after the restart
-    /// repeat their `global_step`.
-    pub fn reopen(root: &Path, records: &[EpochRecord]) -> Result<RunDir> {
+    /// `progress.jsonl` keeps the records up to `global_step`, where training resumes, so
+    /// that its steps still only climb; the steps done after it are done again and recorded
+    /// again. A torn last line, from a coordinator killed mid-write, goes too.
+    pub fn reopen(root: &Path, records: &[EpochRecord], global_step: u64) -> Result<RunDir> {
         let path = root.join("metrics.jsonl");
         let mut text = Vec::new();
         for record in records {
@@ -72,8 +73,15 @@ impl RunDir {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         let path = root.join(PROGRESS_FILE);
+        let kept = match fs::read_to_string(&path) {
+            Ok(text) => progress_up_to(&text, global_step),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let temporary = path.with_extension("jsonl.tmp");
+        fs::write(&temporary, kept).map_err(|e| Error::io(&temporary, e))?;
+        fs::rename(&temporary, &path).map_err(|e| Error::io(&path, e))?;
         let progress = fs::OpenOptions::new()
-            .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
@@ -143,6 +151,17 @@ impl RunDir {
 /// records see one line per epoch, as they always did.
 const PROGRESS_FILE: &str = "progress.jsonl";
 
+/// The whole lines of `progress.jsonl` text whose record is at or before `global_step`.
+fn progress_up_to(text: &str, global_step: u64) -> String {
+    text.split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .filter(|line| {
+            serde_json::from_str::<ProgressRecord>(line)
+                .is_ok_and(|record| record.global_step <= global_step)
+        })
+        .collect()
+}
+
 /// Writes pretty JSON through a temporary file and a rename, so readers never see half a file.
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let temporary = path.with_extension("json.tmp");
@@ -150,4 +169,70 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     text.push('\n');
     fs::write(&temporary, text).map_err(|e| Error::io(&temporary, e))?;
     fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(global_step: u64) -> ProgressRecord {
+        ProgressRecord {
+            kind: "progress".into(),
+            time: global_step as f64,
+            epoch: 1,
+            step: global_step,
+            global_step,
+            samples: 64 * global_step,
+            train_loss: 0.5,
+            epoch_train_loss: 0.5,
+            images_per_sec: 1000.0,
+            workers: 2,
+            lr: 0.05,
+        }
+    }
+
+    fn steps(root: &Path) -> Vec<u64> {
+        fs::read_to_string(root.join(PROGRESS_FILE))
+            .unwrap()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<ProgressRecord>(line)
+                    .unwrap()
+                    .global_step
+            })
+            .collect()
+    }
+
+    /// A coordinator killed at step 35 after a checkpoint at step 20: the records of steps 30
+    /// and 35 go (they are done again), and so does a half-written line.
+    #[test]
+    fn resuming_keeps_progress_up_to_the_checkpoint_and_drops_a_torn_line() {
+        let root = tempfile::tempdir().unwrap();
+        let job = JobConfig::default();
+        let mut run = RunDir::create(root.path(), &job).unwrap();
+        for step in [10, 20, 30, 35] {
+            run.progress(&record(step)).unwrap();
+        }
+        drop(run);
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(root.path().join(PROGRESS_FILE))
+            .unwrap();
+        file.write_all(br#"{"kind":"progress","time":40.0,"ep"#)
+            .unwrap();
+        drop(file);
+
+        let mut run = RunDir::reopen(root.path(), &[], 20).unwrap();
+        assert_eq!(steps(root.path()), [10, 20]);
+        run.progress(&record(25)).unwrap();
+        assert_eq!(steps(root.path()), [10, 20, 25]);
+    }
+
+    #[test]
+    fn resuming_a_run_without_progress_starts_the_file() {
+        let root = tempfile::tempdir().unwrap();
+        let mut run = RunDir::reopen(root.path(), &[], 7).unwrap();
+        run.progress(&record(8)).unwrap();
+        assert_eq!(steps(root.path()), [8]);
+    }
 }

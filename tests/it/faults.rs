@@ -431,6 +431,19 @@ pub(crate) fn coordinator_sigkilled_and_resumed(job: Job) -> anyhow::Result<()> 
             worker.name
         );
     }
+    // Steps done again after the restart are recorded again, not twice.
+    let progress = std::fs::read_to_string(run_dir.join("progress.jsonl"))?;
+    let steps: Vec<u64> = progress
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).map(|r| r["global_step"].as_u64())
+        })
+        .collect::<Result<Option<_>, _>>()?
+        .expect("every progress record has a global_step");
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]),
+        "progress.jsonl goes back: {steps:?}"
+    );
     let last = job.epochs;
     assert!(
         same_bytes(

@@ -28,12 +28,15 @@ use super::error::{Direction, Peer, Phase, RingError};
 use super::segments::segment;
 use memmap2::MmapMut;
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where segments live: a tmpfs on Linux, so the file is memory and never reaches a disk.
 pub(super) const SHM_DIR: &str = "/dev/shm";
+/// Every segment's file name starts so.
+const PREFIX: &str = "lockstep-ring-";
 const MAGIC: [u8; 8] = *b"LSTPSHM1";
 /// Longest sleep in a barrier before checking on the neighbours again.
 const SLICE: Duration = Duration::from_millis(10);
@@ -105,7 +108,7 @@ impl SharedRing {
     ) -> Result<SharedRing, Unusable> {
         let (data_offset, len) = layout(size, capacity).ok_or("the segment would be too large")?;
         let named = tempfile::Builder::new()
-            .prefix("lockstep-ring-")
+            .prefix(PREFIX)
             .tempfile_in(dir)
             .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
         reserve(named.as_file(), len)?;
@@ -134,12 +137,27 @@ impl SharedRing {
         rank: usize,
         size: usize,
     ) -> Result<SharedRing, Unusable> {
+        // The path came from a member that knows the key; still, only a segment's name in
+        // the segments' directory is opened, never a device or another file it names.
+        let ours = path.parent() == Some(Path::new(SHM_DIR))
+            && path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(PREFIX));
+        if !ours {
+            return Err(format!("{} is not a segment's name", path.display()));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+        let metadata = file.metadata().map_err(|e| e.to_string())?;
+        if !metadata.is_file() {
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        let file_len = metadata.len();
         if file_len < PAGE as u64 {
             return Err(format!("{} is too short", path.display()));
         }

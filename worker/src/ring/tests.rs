@@ -618,6 +618,36 @@ fn the_segment_leaves_no_file_behind() {
     }
 }
 
+/// A member opens only a segment's name in the segments' directory, and not through a link:
+/// the path comes from another process.
+#[test]
+fn only_segment_files_are_opened() {
+    let open = |path: &std::path::Path| match shm::SharedRing::open(path, 1, &KEY, 1, 2) {
+        Ok(_) => panic!("{} was opened", path.display()),
+        Err(why) => why,
+    };
+    let why = open(std::path::Path::new("/etc/passwd"));
+    assert!(why.ends_with("is not a segment's name"), "{why}");
+    let why = open(&std::path::Path::new(shm::SHM_DIR).join("other-file"));
+    assert!(why.ends_with("is not a segment's name"), "{why}");
+    let target = tempfile::NamedTempFile::new_in(shm::SHM_DIR).unwrap();
+    let link = std::path::Path::new(shm::SHM_DIR)
+        .join(format!("lockstep-ring-link-{}", std::process::id()));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(target.path(), &link).unwrap();
+    let why = open(&link);
+    std::fs::remove_file(&link).unwrap();
+    assert!(why.starts_with("cannot open"), "{why}");
+    // A real file with the right name, but not this ring's.
+    let stranger = tempfile::Builder::new()
+        .prefix("lockstep-ring-")
+        .tempfile_in(shm::SHM_DIR)
+        .unwrap();
+    stranger.as_file().set_len(8192).unwrap();
+    let why = open(stranger.path());
+    assert!(why.ends_with("is not this ring's segment"), "{why}");
+}
+
 /// The worker moves its ring to the compute thread and keeps the listener for later ones.
 #[test]
 fn ring_and_listener_can_move_between_threads() {

@@ -72,6 +72,12 @@ fn a_ring_over_tcp_trains_the_bits_of_a_ring_in_shared_memory() -> anyhow::Resul
             connected.text
         );
     }
+    let formed = cluster.coordinator.log.wait_for("ring formed");
+    assert!(
+        formed.text.contains("transport=TCP (no shared memory"),
+        "{}",
+        formed.text
+    );
     let status = procs.wait_exit(&cluster.coordinator, WAIT);
     assert!(status.success(), "coordinator: {status}");
     assert!(
@@ -95,6 +101,12 @@ fn ring_worker_killed_then_stopped_the_ring_is_rebuilt_each_time() -> anyhow::Re
     let cluster = procs.cluster(&job, &dir.path().join("run"), FLAGS, &[]);
     let log = &cluster.coordinator.log;
     // Workers of one host: the kill and the stop below hit a ring in shared memory.
+    let formed = log.wait_for("ring formed");
+    assert!(
+        formed.text.contains("transport=shared memory (up to "),
+        "{}",
+        formed.text
+    );
     for worker in &cluster.workers {
         let connected = worker.log.wait_for("ring connected");
         assert!(

@@ -135,6 +135,7 @@ impl RingReplica {
                 return Ok(RingReady {
                     generation: setup.generation,
                     error,
+                    transport: String::new(),
                 });
             }
         };
@@ -170,9 +171,10 @@ impl RingReplica {
             },
         };
         let started = Instant::now();
+        let mut transport = String::new();
         let error = match Ring::connect(&self.listener, &config) {
             Ok(ring) => {
-                let transport = ring.transport().to_string();
+                transport = ring.transport().to_string();
                 self.ring = Some(Link::Tcp(Box::new(ring)));
                 info!(
                     generation = setup.generation,
@@ -189,6 +191,7 @@ impl RingReplica {
         Ok(RingReady {
             generation: setup.generation,
             error,
+            transport,
         })
     }
 
@@ -217,6 +220,11 @@ impl RingReplica {
         };
         Ok(RingReady {
             generation: setup.generation,
+            transport: if error.is_empty() {
+                "NCCL".into()
+            } else {
+                String::new()
+            },
             error,
         })
     }

@@ -248,7 +248,7 @@ impl Trainer {
                 &ids,
                 |_, report| match report {
                     Report::RingReady(ready) if ready.generation == generation => {
-                        Verdict::Accept(ready.error)
+                        Verdict::Accept((ready.error, ready.transport))
                     }
                     _ => Verdict::Ignore,
                 },
@@ -257,11 +257,20 @@ impl Trainer {
         let errors: Vec<String> = gathered
             .slots
             .iter()
-            .filter_map(|(worker, error)| {
-                let error = error.as_ref()?;
+            .filter_map(|(worker, answer)| {
+                let (error, _) = answer.as_ref()?;
                 (!error.is_empty()).then(|| format!("{worker}: {error}"))
             })
             .collect();
+        // Every member settles the same transport; the first that says names it.
+        let transport = gathered
+            .slots
+            .iter()
+            .filter_map(|(_, answer)| answer.as_ref())
+            .map(|(_, transport)| transport.as_str())
+            .find(|transport| !transport.is_empty())
+            .unwrap_or("unknown")
+            .to_owned();
         let all_answered = gathered.slots.iter().all(|(_, a)| a.is_some());
         // Whoever answered holds the coordinator's state now, formed ring or not.
         self.ring.members = gathered
@@ -276,6 +285,7 @@ impl Trainer {
                 generation,
                 workers = ids.len(),
                 step = self.global_step,
+                %transport,
                 "ring formed"
             );
             return Ok(true);

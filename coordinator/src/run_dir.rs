@@ -59,32 +59,19 @@ impl RunDir {
     /// that its steps still only climb; the steps done after it are done again and recorded
     /// again. A torn last line, from a coordinator killed mid-write, goes too.
     pub fn reopen(root: &Path, records: &[EpochRecord], global_step: u64) -> Result<RunDir> {
-        let path = root.join("metrics.jsonl");
         let mut text = Vec::new();
         for record in records {
             text.extend(serde_json::to_vec(record).expect("records serialise"));
             text.push(b'\n');
         }
-        let temporary = path.with_extension("jsonl.tmp");
-        fs::write(&temporary, text).map_err(|e| Error::io(&temporary, e))?;
-        fs::rename(&temporary, &path).map_err(|e| Error::io(&path, e))?;
-        let metrics = fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let metrics = rewrite_for_appending(&root.join("metrics.jsonl"), &text)?;
         let path = root.join(PROGRESS_FILE);
         let kept = match fs::read_to_string(&path) {
             Ok(text) => progress_up_to(&text, global_step),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let temporary = path.with_extension("jsonl.tmp");
-        fs::write(&temporary, kept).map_err(|e| Error::io(&temporary, e))?;
-        fs::rename(&temporary, &path).map_err(|e| Error::io(&path, e))?;
-        let progress = fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let progress = rewrite_for_appending(&path, kept.as_bytes())?;
         Ok(RunDir {
             root: root.to_path_buf(),
             metrics,
@@ -150,6 +137,18 @@ impl RunDir {
 /// The running record of training, apart from `metrics.jsonl` so that readers of the epoch
 /// records see one line per epoch, as they always did.
 const PROGRESS_FILE: &str = "progress.jsonl";
+
+/// Replaces the file at `path` with `contents` (through a temporary file and a rename) and
+/// opens it for appending.
+fn rewrite_for_appending(path: &Path, contents: &[u8]) -> Result<File> {
+    let temporary = path.with_extension("jsonl.tmp");
+    fs::write(&temporary, contents).map_err(|e| Error::io(&temporary, e))?;
+    fs::rename(&temporary, path).map_err(|e| Error::io(path, e))?;
+    fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
 
 /// The whole lines of `progress.jsonl` text whose record is at or before `global_step`.
 fn progress_up_to(text: &str, global_step: u64) -> String {

@@ -332,17 +332,15 @@ fn negotiate(
         usable: false,
         text: format!("rank {rank}: {why}"),
     };
-    let dir = Path::new(shm::SHM_DIR);
     let mut segment = None;
-    let offer = if config.shared_memory_floats == 0 {
-        let offer = if rank == 0 { None } else { Some(receive()?) };
-        match offer {
-            Some(offer) if !offer.usable => offer,
-            _ => refused("shared memory is turned off".into()),
-        }
-    } else if rank == 0 {
-        SharedRing::create(
-            dir,
+    // Rank 0 starts the offer; the others take it from the left, add their answer and pass
+    // it on. Once one member has refused, the offer stays refused, with its reason.
+    let received = if rank == 0 { None } else { Some(receive()?) };
+    let offer = match received {
+        Some(offer) if !offer.usable => offer,
+        _ if config.shared_memory_floats == 0 => refused("shared memory is turned off".into()),
+        None => SharedRing::create(
+            Path::new(shm::SHM_DIR),
             config.generation,
             &config.key,
             size,
@@ -357,25 +355,16 @@ fn negotiate(
         .map_or_else(refused, |path| Offer {
             usable: true,
             text: path,
-        })
-    } else {
-        let offer = receive()?;
-        if offer.usable {
-            match SharedRing::open(
-                Path::new(&offer.text),
-                config.generation,
-                &config.key,
-                rank,
-                size,
-            ) {
+        }),
+        Some(offer) => {
+            let path = Path::new(&offer.text);
+            match SharedRing::open(path, config.generation, &config.key, rank, size) {
                 Ok(opened) => {
                     segment = Some(opened);
                     offer
                 }
                 Err(why) => refused(why),
             }
-        } else {
-            offer
         }
     };
     send(&offer)?;

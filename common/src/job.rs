@@ -62,6 +62,40 @@ impl JobConfig {
         }
     }
 
+    /// The settings in which `other` differs from this job, each as `name: this → other`
+    /// (nested settings as `optimizer.momentum`), in name order.
+    pub fn differences(&self, other: &JobConfig) -> Vec<String> {
+        fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+            match (a, b) {
+                (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                    for (key, value) in a {
+                        let name = if prefix.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{prefix}.{key}")
+                        };
+                        walk(
+                            &name,
+                            value,
+                            b.get(key).unwrap_or(&serde_json::Value::Null),
+                            out,
+                        );
+                    }
+                }
+                _ if a != b => out.push(format!("{prefix}: {a} → {b}")),
+                _ => {}
+            }
+        }
+        // Through text, so that an f32 shows as it was written (0.9, not 0.8999999761581421).
+        let value = |job: &JobConfig| {
+            serde_json::from_str(&serde_json::to_string(job).expect("a job serialises"))
+                .expect("and parses back")
+        };
+        let mut out = Vec::new();
+        walk("", &value(self), &value(other), &mut out);
+        out
+    }
+
     /// Rejects configurations that cannot run.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
@@ -96,5 +130,43 @@ impl Default for JobConfig {
             cosine_decay: true,
             max_steps: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> JobConfig {
+        JobConfig {
+            model: ModelKind::Mlp,
+            epochs: 10,
+            batch_size: 64,
+            workers: 3,
+            seed: 42,
+            optimizer: OptimizerConfig::default(),
+            lr: 0.05,
+            lr_reference_batch: Some(64),
+            warmup_steps: 50,
+            cosine_decay: true,
+            max_steps: None,
+        }
+    }
+
+    #[test]
+    fn differences_name_each_setting_that_differs() {
+        assert!(job().differences(&job()).is_empty());
+        let mut other = job();
+        other.epochs = 5;
+        other.optimizer.momentum = 0.5;
+        other.max_steps = Some(7);
+        assert_eq!(
+            job().differences(&other),
+            [
+                "epochs: 10 → 5",
+                "max_steps: null → 7",
+                "optimizer.momentum: 0.9 → 0.5"
+            ]
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! that travel in `bytes` fields.
 
 mod codec;
+pub mod health;
 mod model_state;
 pub mod security;
 

@@ -91,7 +91,9 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Where metrics and checkpoints go [default: runs/<model>-<time>].
+    /// Where metrics and checkpoints go [default: runs/<model>-<time>]. A directory that
+    /// already holds this job's resume checkpoint is carried on from it, so that a restarted
+    /// coordinator (a Kubernetes pod, say) continues by itself with the same command.
     #[arg(long, env = "LOCKSTEP_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
 
@@ -161,6 +163,13 @@ pub struct Config {
     /// must then name `localhost`.
     #[arg(long, env = "LOCKSTEP_TLS_CA", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
+
+    /// Serve health probes here in plaintext (grpc.health.v1: service "" answers whether the
+    /// job accepts workers, "liveness" whether the training loop is making progress), e.g.
+    /// 0.0.0.0:8081; for Kubernetes' grpc probes, which send no TLS and no token. The gRPC
+    /// port serves the same health service too, behind its TLS.
+    #[arg(long, env = "LOCKSTEP_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 
     /// Serve Prometheus metrics over HTTP at this address (GET /metrics), e.g.
     /// 127.0.0.1:9100.
@@ -236,6 +245,7 @@ impl Default for Config {
             tls_key: None,
             tls_client_ca: None,
             tls_ca: None,
+            health_listen: None,
             metrics_listen: None,
             progress_every: 5.0,
             log_format: LogFormat::Text,

@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use worker::StopCause;
 
 /// Result with the coordinator's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -67,9 +68,13 @@ pub enum Error {
     #[error("cannot get the status from {url}: {reason}")]
     StatusQuery { url: String, reason: String },
 
-    /// Shut down before training completed.
-    #[error("interrupted before training completed")]
-    Interrupted,
+    /// Asked to stop (Ctrl-C or SIGTERM) before training completed; the resume checkpoint
+    /// holds the job as it was at the last step.
+    #[error("{} before training completed", match .0 {
+        StopCause::Interrupt => "interrupted",
+        StopCause::Terminate => "stopped by SIGTERM",
+    })]
+    Stopped(StopCause),
 
     /// An image given to `predict` could not be used.
     #[error("{}: {problem}", path.display())]
@@ -85,6 +90,12 @@ impl Error {
     /// of the job itself (bad flags, bad data, divergence).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::TooFewWorkers { .. } | Error::ModelLost(_))
+    }
+
+    /// Whether the flags or files given cannot make a job: the exit status is then
+    /// [`worker::EXIT_USAGE`], so that a supervisor does not start it again unchanged.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Config(_))
     }
 
     /// Wraps an I/O error with the path it concerns.

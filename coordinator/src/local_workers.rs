@@ -16,6 +16,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use worker::StopCause;
 
 /// Pause before a dead worker is started again, so a worker that dies at once does not spin.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
@@ -84,9 +85,14 @@ impl LocalWorkers {
                             return;
                         }
                     };
-                    // Exit status 0 means the worker was dismissed or asked to stop
-                    // (SIGTERM): it is not restarted.
-                    let failed = !status.as_ref().is_ok_and(|s| s.success());
+                    // Exit status 0 means the worker was dismissed, 130 and 143 that it was
+                    // asked to stop (Ctrl-C, SIGTERM): it is not restarted.
+                    let failed = !status.as_ref().is_ok_and(|s| {
+                        s.success()
+                            || [StopCause::Interrupt, StopCause::Terminate]
+                                .iter()
+                                .any(|cause| s.code() == Some(i32::from(cause.exit_status())))
+                    });
                     let restarting = failed && restarts < max_restarts && !kill.is_cancelled();
                     let status = match status {
                         Ok(status) => status.to_string(),
@@ -116,6 +122,15 @@ impl LocalWorkers {
             }));
         }
         Ok(LocalWorkers { watchers, kill })
+    }
+
+    /// Kills the workers now (SIGKILL): they were not dismissed, and hold nothing that
+    /// needs saving.
+    pub async fn kill(self) {
+        self.kill.cancel();
+        for watcher in self.watchers {
+            let _ = watcher.await;
+        }
     }
 
     /// Gives the workers `grace` to exit by themselves (they were told to shut down), then

@@ -53,8 +53,16 @@ async fn coordinate(config: coordinator::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let shutdown = worker::shutdown_on_signals();
-    match coordinator::run(config, listener, shutdown).await {
+    let stop = worker::stop_on_signals();
+    let run_dir = config.run_dir.clone().or_else(|| config.resume.clone());
+    let carry_on = match &run_dir {
+        Some(dir) => format!(
+            "the job can be continued with --resume {0} (or the same command, with --run-dir {0})",
+            dir.display()
+        ),
+        None => "the job can be continued with --resume and its run directory".to_string(),
+    };
+    match coordinator::run(config, listener, stop).await {
         Ok(summary) => {
             println!(
                 "trained {} for {} epoch{} ({} steps) in {:.1} s: test accuracy {:.2}%, test loss {:.4}\nrun directory: {}",
@@ -73,14 +81,18 @@ async fn coordinate(config: coordinator::Config) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(coordinator::Error::Interrupted) => {
-            tracing::error!("interrupted before training completed");
-            ExitCode::from(130)
+        Err(e @ coordinator::Error::Stopped(cause)) => {
+            tracing::warn!("{e}; {carry_on}");
+            ExitCode::from(cause.exit_status())
         }
         Err(e) if e.is_retryable() => {
             tracing::error!("{e}");
-            tracing::info!("the job can be continued with --resume and the same run directory");
+            tracing::info!("{carry_on}");
             ExitCode::from(EXIT_RETRYABLE)
+        }
+        Err(e) if e.is_usage() => {
+            tracing::error!("{e}");
+            ExitCode::from(worker::EXIT_USAGE)
         }
         Err(e) => {
             tracing::error!("{e}");

@@ -3,7 +3,7 @@
 
 use crate::event::Outbox;
 use common::ids::WorkerId;
-use proto::v1::{CoordinatorMessage, Evicted, Shutdown, coordinator_message::Kind};
+use proto::v1::{CoordinatorMessage, Evicted, Shutdown, ShutdownCause, coordinator_message::Kind};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -72,7 +72,10 @@ impl Membership {
     ) -> Arrival {
         if self.members.len() + self.waiting.len() >= self.max {
             let reason = format!("the job already has its {} workers", self.max);
-            let _ = outbox.try_send(Ok(shutdown_message(&reason)));
+            let _ = outbox.try_send(Ok(message(Kind::Shutdown(Shutdown {
+                reason,
+                cause: ShutdownCause::JobFull.into(),
+            }))));
             return Arrival::TurnedAway;
         }
         self.waiting.push(Member {
@@ -125,13 +128,12 @@ impl Membership {
         } else {
             Kind::Shutdown(Shutdown {
                 reason: format!("evicted: {reason}"),
+                cause: ShutdownCause::Refused.into(),
             })
         };
         // `try_send`: an evicted worker may be stopped with a full outbox; waiting for it
         // would stall the job it was evicted from. Dropping the outbox ends the session.
-        let _ = member
-            .outbox
-            .try_send(Ok(CoordinatorMessage { kind: Some(kind) }));
+        let _ = member.outbox.try_send(Ok(message(kind)));
     }
 
     /// Queues a request for a member. False when its outbox is full: a worker that has not
@@ -142,10 +144,7 @@ impl Membership {
         let Some(member) = self.member(worker) else {
             return true;
         };
-        match member
-            .outbox
-            .try_send(Ok(CoordinatorMessage { kind: Some(kind) }))
-        {
+        match member.outbox.try_send(Ok(message(kind))) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => true,
             Err(mpsc::error::TrySendError::Full(_)) => false,
         }
@@ -159,11 +158,14 @@ impl Membership {
     }
 }
 
-/// The message that tells a worker to leave for good.
+/// The message that tells a worker the job is over.
 pub fn shutdown_message(reason: &str) -> CoordinatorMessage {
-    CoordinatorMessage {
-        kind: Some(Kind::Shutdown(Shutdown {
-            reason: reason.to_string(),
-        })),
-    }
+    message(Kind::Shutdown(Shutdown {
+        reason: reason.to_string(),
+        cause: ShutdownCause::JobEnded.into(),
+    }))
+}
+
+fn message(kind: Kind) -> CoordinatorMessage {
+    CoordinatorMessage { kind: Some(kind) }
 }

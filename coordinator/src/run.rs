@@ -18,6 +18,7 @@ use common::{
     replica::Replica,
 };
 use proto::{
+    health::{HealthPort, Liveness, Readiness},
     security::ServerAuth,
     v1::{JobSpec, coordinator_server::CoordinatorServer},
 };
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
+use worker::{Stop, StopCause};
 
 /// How long open connections get to close when the job is over.
 const SERVER_STOP_GRACE: Duration = Duration::from_secs(1);
@@ -36,13 +38,14 @@ const WORKER_EXIT_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a whole job on `listener`: loads (or fetches) the data, serves gRPC (with the
 /// standard health service, SERVING while the job runs), spawns local workers unless they
-/// are external, trains, and returns the summary. Cancelling `shutdown` stops the job with
-/// [`Error::Interrupted`] after telling every worker to leave.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<Summary> {
+/// are external, trains, and returns the summary.
+///
+/// Asking `stop` stops the job at the next step boundary with [`Error::Stopped`], after
+/// writing the resume checkpoint. On Ctrl-C ([`StopCause::Interrupt`]) every worker is told
+/// to leave: the job is over. On SIGTERM ([`StopCause::Terminate`]) external workers are left
+/// waiting for the coordinator that carries the job on (a restarted Kubernetes pod); spawned
+/// workers, which no other coordinator would reach, are stopped.
+pub async fn run(config: Config, listener: TcpListener, stop: Stop) -> Result<Summary> {
     config.validate()?;
     // Security settings are read first: a bad file should stop the job before it creates
     // anything.
@@ -59,15 +62,40 @@ pub async fn run(
         ),
         None => None,
     };
-    let resume = match &config.resume {
+    let health_listener = match config.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("--health-listen {addr}"), e))?,
+        ),
+        None => None,
+    };
+    let resume_dir = resume_dir(&config)?;
+    let resume = match &resume_dir {
         Some(dir) => Some(Resume::load(
             &dir.join("checkpoints").join(resume::FILE_NAME),
         )?),
         None => None,
     };
-    // A resumed job keeps its own settings; only the cluster's come from the flags.
+    // A resumed job keeps its own settings; only the cluster's come from the flags. A run
+    // directory found holding a checkpoint must hold this very job.
     let job = match &resume {
-        Some(r) => r.state.job.clone(),
+        Some(r) if config.resume.is_none() && r.state.job != config.job() => {
+            return Err(Error::Config(format!(
+                "--run-dir {} holds a job with other settings ({}); continue it with --resume, \
+                 or give another --run-dir",
+                resume_dir.as_ref().expect("found").display(),
+                r.state.job.differences(&config.job()).join(", ")
+            )));
+        }
+        Some(r) => {
+            info!(
+                dir = %resume_dir.as_ref().expect("resuming").display(),
+                step = r.state.global_step,
+                "carrying the job on from its resume checkpoint"
+            );
+            r.state.job.clone()
+        }
         None => config.job(),
     };
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -87,7 +115,7 @@ pub async fn run(
     let params = replica.params().clone();
     let (job_id, run_dir, averaging) = match &resume {
         Some(r) => {
-            let dir = config.resume.clone().expect("resume has a directory");
+            let dir = resume_dir.clone().expect("resume has a directory");
             check_resumable(&r.state, &params.layout_digest(), &dataset_digest)?;
             let averaging =
                 ParameterServer::resume(r.parameters.clone(), job.optimizer, r.optimizer.clone())?;
@@ -159,6 +187,11 @@ pub async fn run(
     // health of a job is no secret.
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;
+    let readiness = Readiness::default();
+    readiness.set(true);
+    let liveness = Liveness::default();
+    let health_port = health_listener
+        .map(|listener| HealthPort::spawn(listener, readiness.clone(), liveness.clone()));
     let service = InterceptedService::new(
         CoordinatorServer::new(service)
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
@@ -260,17 +293,26 @@ pub async fn run(
         (train_len, test_len),
         run_dir,
         events_rx,
-        shutdown,
+        stop,
         options,
         resume.map(|r| r.state),
         board,
+        liveness,
     );
     let outcome = trainer.run().await;
     set_health(&health, ServingStatus::NotServing).await;
+    readiness.set(false);
     console::finish(display);
 
     if let Some(workers) = local_workers {
-        workers.shutdown(WORKER_EXIT_GRACE).await;
+        match outcome {
+            // Not dismissed, and no other coordinator will reach them.
+            Err(Error::Stopped(StopCause::Terminate)) => workers.kill().await,
+            _ => workers.shutdown(WORKER_EXIT_GRACE).await,
+        }
+    }
+    if let Some(port) = health_port {
+        port.stop().await;
     }
     server_stop.cancel();
     // Graceful shutdown waits for every connection to close; one that never finished its
@@ -293,6 +335,31 @@ pub async fn run(
         plots::write_plots_after_training(summary.run_dir.clone(), plots_data_dir).await;
     }
     outcome
+}
+
+/// The run directory to carry on from: `--resume`'s, or `--run-dir` when it holds a resume
+/// checkpoint (a restarted coordinator given the same command). A `--run-dir` without one
+/// starts a fresh job.
+fn resume_dir(config: &Config) -> Result<Option<PathBuf>> {
+    if let Some(dir) = &config.resume {
+        if config
+            .run_dir
+            .as_ref()
+            .is_some_and(|run_dir| run_dir != dir)
+        {
+            return Err(Error::Config(format!(
+                "--resume {} and --run-dir {} name different directories; a resumed job \
+                 writes to its own",
+                dir.display(),
+                config.run_dir.as_ref().expect("given").display()
+            )));
+        }
+        return Ok(Some(dir.clone()));
+    }
+    Ok(config
+        .run_dir
+        .clone()
+        .filter(|dir| dir.join("checkpoints").join(resume::FILE_NAME).is_file()))
 }
 
 /// Sets the whole server's health and the coordinator service's.

@@ -181,9 +181,16 @@ impl Coordinator for CoordinatorService {
             address,
             ring_address,
         }) {
+            in_session.lock().expect("poisoned").remove(&worker);
+            // Stopped for a restart: the worker should find the coordinator that carries the
+            // job on, so this is a transient failure, which it retries.
+            if self.status.borrow().phase == Phase::Stopped {
+                return Err(Status::unavailable(
+                    "the coordinator is stopping; the job carries on from its checkpoint",
+                ));
+            }
             // The training loop has ended: a worker that arrives now is told to leave
             // rather than left to register again and again.
-            in_session.lock().expect("poisoned").remove(&worker);
             let _ = outbox.try_send(Ok(shutdown_message("the job has ended")));
             return Ok(Response::new(ReceiverStream::new(outbound)));
         }
@@ -272,6 +279,7 @@ impl From<&JobStatus> for StatusReply {
             Phase::Paused => JobPhase::Paused,
             Phase::Done => JobPhase::Done,
             Phase::Failed => JobPhase::Failed,
+            Phase::Stopped => JobPhase::Stopped,
         };
         StatusReply {
             job_id: s.job_id.clone(),

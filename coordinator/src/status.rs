@@ -23,6 +23,9 @@ pub enum Phase {
     Paused,
     Done,
     Failed,
+    /// Asked to stop (SIGTERM): the resume checkpoint is written and the workers wait for the
+    /// coordinator that carries the job on.
+    Stopped,
 }
 
 impl Phase {
@@ -35,17 +38,19 @@ impl Phase {
             Phase::Paused => "paused",
             Phase::Done => "done",
             Phase::Failed => "failed",
+            Phase::Stopped => "stopped",
         }
     }
 
     /// Every phase, for metrics that list each one.
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 7] = [
         Phase::WaitingForWorkers,
         Phase::Training,
         Phase::Evaluating,
         Phase::Paused,
         Phase::Done,
         Phase::Failed,
+        Phase::Stopped,
     ];
 }
 
@@ -144,9 +149,9 @@ impl JobStatus {
         self.workers.iter().filter(|w| w.state == state).count()
     }
 
-    /// Whether the job is over, done or failed.
+    /// Whether this coordinator is done with the job: it completed, failed or was stopped.
     pub fn is_over(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed)
+        matches!(self.phase, Phase::Done | Phase::Failed | Phase::Stopped)
     }
 }
 

@@ -27,6 +27,7 @@ use common::{
     seed::derive_seed,
     sharding::{EpochPlan, split_evenly},
 };
+use proto::health::Liveness;
 use proto::v1::{
     ComputeGradient, EvalReport, Evaluate, GradientReport, JobSpec, coordinator_message::Kind,
 };
@@ -37,12 +38,18 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use worker::{Stop, StopCause};
 
 mod ring;
 
 pub use ring::Transport;
+
+/// How long a resumed job that has `--min-workers` waits for more before it starts.
+const RESUME_SETTLE: Duration = Duration::from_secs(30);
+
+/// How often a loop that waits for an event shows it is still turning.
+const LIVENESS_BEAT: Duration = Duration::from_secs(1);
 
 /// What a finished job reports.
 #[derive(Debug, Clone, Serialize)]
@@ -164,7 +171,10 @@ pub struct Trainer {
     test_len: usize,
     run_dir: RunDir,
     events: mpsc::UnboundedReceiver<Event>,
-    shutdown: CancellationToken,
+    /// Asked at a step boundary (or in a wait between steps), it ends the loop there.
+    stop: Stop,
+    /// Beaten whenever the loop turns, for the health port.
+    liveness: Liveness,
     options: TrainerOptions,
     membership: Membership,
     progress: EpochProgress,
@@ -179,6 +189,8 @@ pub struct Trainer {
     /// What `Status`, the metrics endpoint and the progress display read.
     board: StatusBoard,
     mark: ProgressMark,
+    /// Whether the job carries on from a checkpoint (its workers come back one by one).
+    resumed: bool,
 }
 
 impl Trainer {
@@ -193,10 +205,11 @@ impl Trainer {
         (train_len, test_len): (usize, usize),
         run_dir: RunDir,
         events: mpsc::UnboundedReceiver<Event>,
-        shutdown: CancellationToken,
+        stop: Stop,
         options: TrainerOptions,
         resume: Option<ResumeState>,
         mut board: StatusBoard,
+        liveness: Liveness,
     ) -> Self {
         let membership = Membership::new(options.max_workers);
         let (progress, global_step, records, next_worker_id, earlier_seconds) = match resume {
@@ -223,9 +236,11 @@ impl Trainer {
             test_len,
             run_dir,
             events,
-            shutdown,
+            stop,
+            liveness,
             options,
             membership,
+            resumed: global_step > 0 || !records.is_empty(),
             progress,
             global_step,
             records,
@@ -239,9 +254,11 @@ impl Trainer {
     }
 
     /// Waits for the workers, trains every epoch, and tells the workers to leave, also when
-    /// training fails.
+    /// training fails. Stopped by SIGTERM, it leaves them instead: the coordinator that
+    /// carries the job on from the checkpoint (the same command, restarted) takes them over.
     pub async fn run(mut self) -> Result<Summary> {
         let outcome = self.train().await;
+        let stepping_away = matches!(outcome, Err(Error::Stopped(StopCause::Terminate)));
         let reason = match &outcome {
             Ok(_) => "training complete".to_string(),
             Err(e) => format!("job stopped: {e}"),
@@ -249,17 +266,25 @@ impl Trainer {
         let status = self.board.status_mut();
         match &outcome {
             Ok(_) => status.phase = Phase::Done,
+            Err(_) if stepping_away => status.phase = Phase::Stopped,
             Err(e) => {
                 status.phase = Phase::Failed;
                 status.error = e.to_string();
             }
         }
         self.publish();
-        self.membership.dismiss_all(&reason);
-        // Sessions opened from now on are told at once that the job is over (the service
-        // sees the queue closed); those whose arrival is still queued are told here, so no
-        // worker is left re-registering with a coordinator that will never admit it.
+        // Sessions opened from now on are told at once that the job is over, or, while this
+        // coordinator steps away, to come back (the service sees the queue closed and reads
+        // the phase); those whose arrival is still queued are told here, so no worker is left
+        // re-registering with a coordinator that will never admit it.
         self.events.close();
+        if stepping_away {
+            // Dropping the sessions ends them without a word: the workers take it for a lost
+            // coordinator and look for the next one.
+            self.membership = Membership::new(0);
+            return outcome;
+        }
+        self.membership.dismiss_all(&reason);
         while let Ok(event) = self.events.try_recv() {
             if let Event::Joined { outbox, .. } = event {
                 let _ = outbox.try_send(Ok(shutdown_message(&reason)));
@@ -268,9 +293,40 @@ impl Trainer {
         outcome
     }
 
+    /// Trains what is left of the job; stopped at a step boundary, it writes the resume
+    /// checkpoint first.
     async fn train(&mut self) -> Result<Summary> {
         let started = Instant::now();
-        self.wait_for_initial_members().await?;
+        let outcome = self.train_epochs(started).await;
+        if let Err(Error::Stopped(cause)) = &outcome {
+            info!(
+                ?cause,
+                step = self.global_step,
+                "stopping: writing the resume checkpoint"
+            );
+            self.refresh_copy().await?;
+            self.save_resume(started)?;
+            info!(
+                step = self.global_step,
+                path = %self.run_dir.resume_path().display(),
+                "resume checkpoint written"
+            );
+        }
+        outcome
+    }
+
+    /// Returns [`Error::Stopped`] if stopping was asked for: called at step boundaries.
+    fn check_stop(&self) -> Result<()> {
+        match self.stop.cause() {
+            Some(cause) => Err(Error::Stopped(cause)),
+            None => Ok(()),
+        }
+    }
+
+    async fn train_epochs(&mut self, started: Instant) -> Result<Summary> {
+        if self.progress.epoch <= self.job.epochs && !self.step_limit_reached() {
+            self.wait_for_initial_members().await?;
+        }
         let total_steps = self.job.total_steps(self.train_len);
         let schedule = self.job.schedule(self.train_len);
         info!(
@@ -292,6 +348,7 @@ impl Trainer {
             self.board.status_mut().phase = Phase::Training;
             self.publish();
             while !self.progress.is_done() && !self.step_limit_reached() {
+                self.check_stop()?;
                 self.last_lr = schedule.at(self.schedule_position());
                 let step_started = Instant::now();
                 let before = (self.progress.compute_seconds, self.progress.comm_seconds);
@@ -317,6 +374,7 @@ impl Trainer {
             // Training of the epoch is done: a restart from here goes straight to evaluation.
             self.refresh_copy().await?;
             self.save_resume(started)?;
+            self.check_stop()?;
             self.board.status_mut().phase = Phase::Evaluating;
             self.publish();
             let eval_started = Instant::now();
@@ -498,7 +556,10 @@ impl Trainer {
         }
     }
 
-    /// Admits sessions until the job has its initial workers.
+    /// Admits sessions until the job has its initial workers. A resumed job's workers come
+    /// back one by one, and some may not come back at all (a pod that was not recreated):
+    /// once it has `--min-workers`, it starts when none has arrived for [`RESUME_SETTLE`],
+    /// and admits the others at step boundaries as they come.
     async fn wait_for_initial_members(&mut self) -> Result<()> {
         let wanted = self.options.initial_workers;
         info!(
@@ -507,12 +568,26 @@ impl Trainer {
         );
         self.board.status_mut().phase = Phase::WaitingForWorkers;
         self.publish();
+        let mut last_arrival = tokio::time::Instant::now();
         while self.membership.len() < wanted {
-            let event = self.next_event().await?;
+            let may_start = self.resumed && self.membership.len() >= self.options.min_workers;
+            let event = tokio::select! {
+                event = self.next_event_or_stop() => event?,
+                () = tokio::time::sleep_until(last_arrival + RESUME_SETTLE), if may_start => {
+                    info!(
+                        "resuming with {} of the {wanted} workers: none arrived for {:.0} s; \
+                         the others are admitted as they come",
+                        self.membership.len(),
+                        RESUME_SETTLE.as_secs_f64()
+                    );
+                    break;
+                }
+            };
             self.on_event(event);
             for worker in self.membership.admit() {
                 info!(%worker, "joined ({}/{wanted})", self.membership.len());
                 self.board.admitted(worker);
+                last_arrival = tokio::time::Instant::now();
             }
             self.publish();
         }
@@ -538,7 +613,7 @@ impl Trainer {
         let deadline = tokio::time::Instant::now() + self.options.pause_timeout;
         while self.membership.len() < min {
             let event = tokio::select! {
-                event = self.next_event() => event?,
+                event = self.next_event_or_stop() => event?,
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(Error::TooFewWorkers {
                         members: self.membership.len(),
@@ -773,8 +848,9 @@ impl Trainer {
             if half_answered_at.is_none() && answered > 0 && answered * 2 >= expected.len() {
                 half_answered_at = Some(now);
             }
+            self.liveness.beat();
             let event = tokio::select! {
-                event = self.next_event() => event?,
+                event = self.next_event() => event,
                 () = tokio::time::sleep(tick) => continue,
             };
             let Event::Report { worker, report } = event else {
@@ -950,10 +1026,26 @@ impl Trainer {
         Ok(())
     }
 
-    async fn next_event(&mut self) -> Result<Event> {
+    /// The next event; while it waits, the loop still counts as turning.
+    async fn next_event(&mut self) -> Event {
+        loop {
+            self.liveness.beat();
+            tokio::select! {
+                event = self.events.recv() => {
+                    return event.expect("the service keeps a sender alive");
+                }
+                () = tokio::time::sleep(LIVENESS_BEAT) => {}
+            }
+        }
+    }
+
+    /// The next event, or [`Error::Stopped`] when stopping is asked for first: for the waits
+    /// between steps, where the job can stop without losing anything.
+    async fn next_event_or_stop(&mut self) -> Result<Event> {
+        let stop = self.stop.clone();
         tokio::select! {
-            event = self.events.recv() => Ok(event.expect("the service keeps a sender alive")),
-            () = self.shutdown.cancelled() => Err(Error::Interrupted),
+            event = self.next_event() => Ok(event),
+            cause = stop.requested() => Err(Error::Stopped(cause)),
         }
     }
 }

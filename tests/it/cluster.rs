@@ -7,7 +7,6 @@ use proto::v1::{
     RegisterRequest, WorkerMessage, coordinator_client::CoordinatorClient, worker_message::Kind,
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 fn l2(values: impl Iterator<Item = f64>) -> f64 {
@@ -117,14 +116,14 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
     let runs = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let shutdown = CancellationToken::new();
+    let stop = worker::Stop::default();
     let job = tokio::spawn(coordinator::run(
         coordinator::Config {
             workers: 1,
             ..test_config(runs.path())
         },
         listener,
-        shutdown.clone(),
+        stop.clone(),
     ));
     let mut client = loop {
         match CoordinatorClient::connect(url.clone()).await {
@@ -180,9 +179,12 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::NotFound);
 
-    shutdown.cancel();
+    stop.request(worker::StopCause::Interrupt);
     let outcome = job.await?;
-    assert!(matches!(outcome, Err(coordinator::Error::Interrupted)));
+    assert!(matches!(
+        outcome,
+        Err(coordinator::Error::Stopped(worker::StopCause::Interrupt))
+    ));
     Ok(())
 }
 

@@ -140,10 +140,10 @@ fn bad_flags_and_corrupt_data_are_named() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM (what Ctrl-C or Kubernetes sends) stops the job: the coordinator dismisses its
-/// workers, every worker process exits, and the exit code says training did not complete.
-#[test]
-fn sigterm_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
+/// Starts `coordinator --workers 2` on a long job, sends it `signal` once training has
+/// started, and returns its exit status, what it logged after the signal and its workers'
+/// pids, once it has exited.
+fn signal_local_job(signal: &str) -> anyhow::Result<(std::process::ExitStatus, String, Vec<u32>)> {
     use std::io::{BufRead, BufReader};
     init_logging();
     let run_dir = tempfile::tempdir()?;
@@ -169,10 +169,10 @@ fn sigterm_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
     }
     assert_eq!(worker_pids.len(), 2);
 
-    info!("--- SIGTERM");
+    info!("--- SIG{signal}");
     let signalled = Instant::now();
     let kill = Command::new("kill")
-        .args(["-TERM", &coordinator.id().to_string()])
+        .args([&format!("-{signal}"), &coordinator.id().to_string()])
         .status()?;
     assert!(kill.success());
     // Keep draining stderr so the coordinator never blocks on a full pipe.
@@ -180,20 +180,51 @@ fn sigterm_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
     let status = coordinator.wait()?;
     let log = drain.join().expect("drain thread").join("\n");
     println!(
-        "stopped {:.2} s after SIGTERM",
+        "stopped {:.2} s after SIG{signal}",
         signalled.elapsed().as_secs_f64()
     );
-    assert_eq!(status.code(), Some(130), "{log}");
-    assert!(log.contains("interrupted"), "{log}");
-    // `log` holds what came after the SIGTERM. Dismissed workers leave by themselves: none
-    // registers again, none has to be killed.
-    assert!(!log.contains("worker registered"), "{log}");
-    assert!(!log.contains("killing them"), "{log}");
-    for pid in worker_pids {
+    assert!(
+        run_dir
+            .path()
+            .join("checkpoints/resume.safetensors")
+            .is_file(),
+        "no resume checkpoint\n{log}"
+    );
+    // The workers belong to this coordinator: none is left behind.
+    for &pid in &worker_pids {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "worker process {pid} still exists"
         );
     }
+    Ok((status, log, worker_pids))
+}
+
+/// Ctrl-C ends the job: the coordinator writes the resume checkpoint, dismisses its
+/// workers, which leave by themselves, and exits 130.
+#[test]
+fn ctrl_c_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
+    let (status, log, _) = signal_local_job("INT")?;
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("interrupted"), "{log}");
+    assert!(log.contains("resume checkpoint written"), "{log}");
+    // `log` holds what came after the signal. Dismissed workers leave by themselves: none
+    // registers again, none has to be killed.
+    assert!(!log.contains("worker registered"), "{log}");
+    assert!(!log.contains("killing them"), "{log}");
+    Ok(())
+}
+
+/// SIGTERM (what Kubernetes sends a pod it stops) to a coordinator that spawned its workers:
+/// the resume checkpoint is written and the job stopped with 143; the spawned workers, which
+/// no other coordinator would reach, are stopped with it. (External workers are left to
+/// wait for the next coordinator: `kubernetes.rs`.)
+#[test]
+fn sigterm_stops_coordinator_and_its_workers() -> anyhow::Result<()> {
+    let (status, log, _) = signal_local_job("TERM")?;
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(log.contains("stopped by SIGTERM"), "{log}");
+    assert!(log.contains("resume checkpoint written"), "{log}");
+    assert!(!log.contains("worker registered"), "{log}");
     Ok(())
 }

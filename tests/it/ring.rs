@@ -234,7 +234,7 @@ fn nccl_jobs_refuse_workers_that_cannot_sum_with_nccl() -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     );
     let status = procs.wait_exit(&spawning, std::time::Duration::from_secs(30));
-    assert_eq!(status.code(), Some(1), "{status}");
+    assert_eq!(status.code(), Some(2), "a usage error: {status}");
     spawning.log.wait_for("built without NCCL");
     Ok(())
 }

@@ -7,7 +7,6 @@ use std::{
     sync::OnceLock,
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 /// Logs of the code under test, shown for failing tests (RUST_LOG filters).
 pub fn init_logging() {
@@ -81,17 +80,17 @@ pub async fn train_in_process(
 ) -> anyhow::Result<coordinator::Summary> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let shutdown = CancellationToken::new();
+    let stop = worker::Stop::default();
     let workers: Vec<_> = (0..config.workers)
         .map(|_| {
             let config = worker::Config {
                 data_dir: Some(worker_data_dir.clone().unwrap_or_else(mnist_dir)),
                 ..worker::Config::new(url.clone())
             };
-            tokio::spawn(worker::run(config, shutdown.child_token()))
+            tokio::spawn(worker::run(config, stop.token().child_token()))
         })
         .collect();
-    let summary = coordinator::run(config, listener, shutdown).await?;
+    let summary = coordinator::run(config, listener, stop).await?;
     for worker in workers {
         worker.await??;
     }

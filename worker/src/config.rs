@@ -26,9 +26,10 @@ pub struct Config {
     pub threads: Option<usize>,
 
     /// How long to keep trying to reach the coordinator, in seconds: at start, and after the
-    /// session breaks (the coordinator may be restarting with --resume).
-    #[arg(long, env = "LOCKSTEP_CONNECT_TIMEOUT", default_value_t = 60)]
-    pub connect_timeout_secs: u64,
+    /// session breaks (the coordinator may be restarting, or carrying the job on from its
+    /// checkpoint) [default: keep trying as long as it takes].
+    #[arg(long, env = "LOCKSTEP_CONNECT_TIMEOUT", value_name = "SECONDS")]
+    pub connect_timeout_secs: Option<u64>,
 
     #[command(flatten)]
     pub credentials: Credentials,
@@ -48,6 +49,12 @@ pub struct Config {
     #[arg(long, env = "LOCKSTEP_RING_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     pub ring_shared_memory: bool,
 
+    /// Serve health probes here in plaintext (grpc.health.v1, service "liveness": whether the
+    /// worker is making progress), e.g. 0.0.0.0:8081; for Kubernetes' grpc probes, which
+    /// send no TLS and no token.
+    #[arg(long, env = "LOCKSTEP_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// How log lines are written: text, or json (one object per line).
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -65,19 +72,20 @@ impl Config {
             data_dir: None,
             device: "cpu".into(),
             threads: None,
-            connect_timeout_secs: 60,
+            connect_timeout_secs: None,
             credentials: Credentials::default(),
             ring_listen: SocketAddr::from(([0, 0, 0, 0], 0)),
             ring_host: None,
             ring_shared_memory: true,
+            health_listen: None,
             log_format: LogFormat::Text,
             fail_after_steps: None,
         }
     }
 
-    /// How long to keep trying to reach the coordinator.
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_secs(self.connect_timeout_secs)
+    /// How long to keep trying to reach the coordinator; `None`: as long as it takes.
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.connect_timeout_secs.map(Duration::from_secs)
     }
 }
 

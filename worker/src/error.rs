@@ -10,6 +10,15 @@ pub enum Error {
     #[error(transparent)]
     Common(#[from] common::Error),
 
+    /// Flags or files that cannot work: a URL that does not parse, TLS settings that do not
+    /// fit it, a device this build has no support for. Retrying will not help.
+    #[error("{0}")]
+    Usage(String),
+
+    /// The job has its `--max-workers` workers; a place may come free later.
+    #[error("the job is full: {0}")]
+    JobFull(String),
+
     /// The coordinator could not be reached in time.
     #[error("cannot reach the coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -60,7 +69,19 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Unreachable { .. } | Error::CoordinatorLost(_) | Error::Evicted(_)
+            Error::Unreachable { .. }
+                | Error::CoordinatorLost(_)
+                | Error::Evicted(_)
+                | Error::JobFull(_)
+        )
+    }
+
+    /// Whether the worker was started wrongly (bad flags or files): its exit status is then
+    /// [`crate::EXIT_USAGE`], which a supervisor can tell from a failure worth retrying.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Usage(_) | Error::Device(..) | Error::Security(_)
         )
     }
 }

@@ -16,5 +16,8 @@ mod transfer;
 pub use config::{Config, Credentials};
 pub use error::{Error, Result};
 pub use executor::Executor;
-pub use process::{LogFormat, init_tracing, init_tracing_to, main_with, shutdown_on_signals};
+pub use process::{
+    EXIT_USAGE, LogFormat, Stop, StopCause, init_tracing, init_tracing_to, main_with,
+    stop_on_signals,
+};
 pub use session::{parse_device, run};

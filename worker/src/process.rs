@@ -52,23 +52,80 @@ where
     tracing::debug!(role, "logging started");
 }
 
-/// A token cancelled on Ctrl-C or SIGTERM (what Kubernetes sends).
-pub fn shutdown_on_signals() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-        tracing::warn!("signal received: shutting down");
-        cancel.cancel();
-    });
-    token
+/// Why a process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// Ctrl-C (SIGINT): someone at the terminal wants it to end.
+    Interrupt,
+    /// SIGTERM: what Kubernetes sends before it kills a pod (eviction, node drain, deletion).
+    Terminate,
 }
+
+impl StopCause {
+    /// The exit status of a process stopped this way, as a shell reports a process killed by
+    /// the signal: 130 for SIGINT, 143 for SIGTERM.
+    pub fn exit_status(self) -> u8 {
+        match self {
+            StopCause::Interrupt => 130,
+            StopCause::Terminate => 143,
+        }
+    }
+}
+
+/// How a process is asked to stop: Ctrl-C and SIGTERM mean different things to a
+/// coordinator (end the job, or step away from it and leave the workers waiting for the
+/// coordinator that carries it on), so they are kept apart. `Stop::default()` is never
+/// asked, until [`Stop::request`].
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    requested: CancellationToken,
+    cause: std::sync::Arc<std::sync::OnceLock<StopCause>>,
+}
+
+impl Stop {
+    /// Asks to stop; the first cause given is the one that counts.
+    pub fn request(&self, cause: StopCause) {
+        let _ = self.cause.set(cause);
+        self.requested.cancel();
+    }
+
+    /// Why stopping was asked for, if it was.
+    pub fn cause(&self) -> Option<StopCause> {
+        self.cause.get().copied()
+    }
+
+    /// Waits until stopping is asked for; returns why.
+    pub async fn requested(&self) -> StopCause {
+        self.requested.cancelled().await;
+        self.cause().unwrap_or(StopCause::Interrupt)
+    }
+
+    /// A token cancelled when stopping is asked for, whatever the cause.
+    pub fn token(&self) -> CancellationToken {
+        self.requested.clone()
+    }
+}
+
+/// A [`Stop`] asked on Ctrl-C (SIGINT) or SIGTERM.
+pub fn stop_on_signals() -> Stop {
+    let stop = Stop::default();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+        let cause = tokio::select! {
+            _ = interrupt.recv() => StopCause::Interrupt,
+            _ = terminate.recv() => StopCause::Terminate,
+        };
+        tracing::warn!(?cause, "signal received: shutting down");
+        on_signal.request(cause);
+    });
+    stop
+}
+
+/// Exit status of a process started with flags that cannot work, as clap's own errors exit.
+pub const EXIT_USAGE: u8 = 2;
 
 /// The whole worker program for `config`: what the `worker` binary and
 /// `coordinator worker` run.
@@ -82,9 +139,19 @@ pub fn main_with(config: Config) -> ExitCode {
     init_tracing("worker", config.log_format);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
     runtime.block_on(async {
-        let shutdown = shutdown_on_signals();
-        match crate::run(config, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
+        let stop = stop_on_signals();
+        match crate::run(config, stop.token()).await {
+            // Stopped by a signal rather than dismissed: the job goes on without this worker,
+            // and a supervisor should see that it did not finish (a Kubernetes Job then
+            // recreates the pod instead of counting the worker's part as done).
+            Ok(()) => match stop.cause() {
+                Some(cause) => ExitCode::from(cause.exit_status()),
+                None => ExitCode::SUCCESS,
+            },
+            Err(e) if e.is_usage() => {
+                tracing::error!("{e}");
+                ExitCode::from(EXIT_USAGE)
+            }
             Err(e) => {
                 tracing::error!("{e}");
                 ExitCode::FAILURE

@@ -19,11 +19,13 @@ use common::{
     replica::Replica,
 };
 use proto::{
+    health::{HealthPort, Liveness, Readiness},
     security::ClientAuth,
     v1::{
         CoordinatorMessage, EvalReport, Failure, GradientReport, Heartbeat, Hello, JobSpec,
-        RegisterRequest, WorkerMessage, coordinator_client::CoordinatorClient,
-        coordinator_message::Kind as Command, worker_message::Kind,
+        RegisterRequest, Shutdown, ShutdownCause, WorkerMessage,
+        coordinator_client::CoordinatorClient, coordinator_message::Kind as Command,
+        worker_message::Kind,
     },
 };
 use std::{
@@ -51,6 +53,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let data_dir = config.data_dir.clone().unwrap_or_else(default_data_dir);
     let auth = ClientAuth::new(config.credentials.join_token()?);
     let endpoint = endpoint(&config)?;
+    let liveness = Liveness::default();
+    let health = match config.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Usage(format!("--health-listen {addr}: {e}")))?;
+            let ready = Readiness::default();
+            ready.set(true);
+            Some(HealthPort::spawn(listener, ready, liveness.clone()))
+        }
+        None => None,
+    };
+    let outcome = serve_job(
+        &config, &shutdown, &liveness, device, data_dir, auth, endpoint,
+    )
+    .await;
+    if let Some(health) = health {
+        health.stop().await;
+    }
+    outcome
+}
+
+/// Registers, serves sessions and registers again until the job is over for this worker.
+async fn serve_job(
+    config: &Config,
+    shutdown: &CancellationToken,
+    liveness: &Liveness,
+    device: Device,
+    data_dir: PathBuf,
+    auth: ClientAuth,
+    endpoint: Endpoint,
+) -> Result<()> {
     let mut dataset = load_local(data_dir.clone()).await?;
     // Bound once: the ring port a worker advertises stays the same across registrations.
     let ring_listener =
@@ -63,8 +97,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let local_digest = dataset.as_ref().map(Dataset::digest).unwrap_or_default();
     let mut executor: Option<(JobSpec, Executor)> = None;
     let mut gradients = 0u64;
+    let mut retry = Backoff::default();
     loop {
-        let channel = connect(&endpoint, config.connect_timeout(), &shutdown).await?;
+        let channel = match connect(&endpoint, config.connect_timeout(), shutdown, liveness).await {
+            Ok(channel) => channel,
+            Err(_) if shutdown.is_cancelled() => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let mut client = CoordinatorClient::with_interceptor(channel, auth.clone())
             .max_decoding_message_size(proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(proto::MAX_MESSAGE_BYTES);
@@ -81,8 +120,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let reply = match client.register(request).await.map_err(Error::from) {
             Ok(reply) => reply.into_inner(),
             Err(e) if e.is_retryable() => {
-                warn!("registration failed ({e}); retrying");
-                pause(&shutdown).await;
+                let delay = retry.next();
+                warn!("registration failed ({e}); retrying in {delay:?}");
+                pause(shutdown, delay).await;
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
                 continue;
             }
             Err(e) => return Err(e),
@@ -104,7 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     (None, Some(data)) => data,
                     (None, None) => {
                         info!(dir = %data_dir.display(), "no local dataset: receiving the coordinator's");
-                        receive_dataset(&mut client, &data_dir).await?;
+                        receive_dataset(&mut client, &data_dir, liveness).await?;
                         load_local(data_dir.clone()).await?.ok_or_else(|| {
                             Error::Transfer("files missing after the transfer".into())
                         })?
@@ -125,6 +168,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             heartbeat,
             gradients: &mut gradients,
             fail_after: config.fail_after_steps,
+            liveness,
         };
         let mut slot = Some(Engine {
             executor: ready,
@@ -135,13 +179,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 config.ring_shared_memory,
             ),
         });
-        let outcome = session.serve(&mut client, &mut slot, &shutdown).await;
+        let outcome = session.serve(&mut client, &mut slot, shutdown).await;
         executor = slot.map(|engine| (job, engine.executor));
         match outcome {
             Ok(()) => return Ok(()),
+            Err(e @ Error::JobFull(_)) => {
+                warn!("{e}; registering again in {JOB_FULL_WAIT:?}");
+                pause(shutdown, JOB_FULL_WAIT).await;
+            }
             Err(e) if e.is_retryable() => {
+                retry = Backoff::default();
                 warn!("{e}; registering again");
-                pause(&shutdown).await;
+                pause(shutdown, retry.next()).await;
             }
             Err(e) => return Err(e),
         }
@@ -158,6 +207,12 @@ struct Engine {
     ring: RingReplica,
 }
 
+/// How long a worker turned away from a full job waits before it asks again.
+const JOB_FULL_WAIT: Duration = Duration::from_secs(10);
+
+/// How often the session loop shows it is alive while it waits for the coordinator.
+const IDLE_BEAT: Duration = Duration::from_secs(1);
+
 /// One registration's session.
 struct Session<'a> {
     worker: WorkerId,
@@ -165,6 +220,9 @@ struct Session<'a> {
     /// Gradients computed by this process, across sessions.
     gradients: &'a mut u64,
     fail_after: Option<u64>,
+    /// Beaten while the loop waits; not while it computes, so that a computation that never
+    /// ends shows on the health port.
+    liveness: &'a Liveness,
 }
 
 impl Session<'_> {
@@ -190,9 +248,12 @@ impl Session<'_> {
             .session(ReceiverStream::new(outbound))
             .await?
             .into_inner();
+        let mut beat = tokio::time::interval(IDLE_BEAT);
         loop {
+            self.liveness.beat();
             let next = tokio::select! {
                 next = inbound.message() => next?,
+                _ = beat.tick() => continue,
                 () = shutdown.cancelled() => {
                     info!("shutting down");
                     return Ok(());
@@ -208,10 +269,7 @@ impl Session<'_> {
                 };
             };
             let answer = match command {
-                Command::Shutdown(shutdown) => {
-                    info!(reason = %shutdown.reason, "dismissed by the coordinator");
-                    return Ok(());
-                }
+                Command::Shutdown(shutdown) => return dismissed(shutdown),
                 Command::Evicted(evicted) => return Err(Error::Evicted(evicted.reason)),
                 command => {
                     let is_gradient = matches!(command, Command::Compute(_) | Command::RingStep(_));
@@ -262,14 +320,24 @@ async fn last_word(inbound: &mut Streaming<CoordinatorMessage>) -> Result<()> {
             return Err(lost());
         };
         match command {
-            Command::Shutdown(shutdown) => {
-                info!(reason = %shutdown.reason, "dismissed by the coordinator");
-                return Ok(());
-            }
+            Command::Shutdown(shutdown) => return dismissed(shutdown),
             Command::Evicted(evicted) => return Err(Error::Evicted(evicted.reason)),
             // A request queued before the end: it will not be answered.
             _ => continue,
         }
+    }
+}
+
+/// What the coordinator's `Shutdown` means for this worker: the job is over (leave with
+/// success), full (ask again later), or done with this worker (leave with a failure).
+fn dismissed(shutdown: Shutdown) -> Result<()> {
+    match shutdown.cause() {
+        ShutdownCause::JobEnded => {
+            info!(reason = %shutdown.reason, "dismissed by the coordinator");
+            Ok(())
+        }
+        ShutdownCause::JobFull => Err(Error::JobFull(shutdown.reason)),
+        ShutdownCause::Refused => Err(Error::Refused(shutdown.reason)),
     }
 }
 
@@ -384,12 +452,9 @@ fn build_replica(job: &JobSpec, device: &Device) -> Result<Replica> {
 /// The coordinator's address with this worker's transport settings.
 fn endpoint(config: &Config) -> Result<Endpoint> {
     let url = &config.coordinator;
-    let unreachable = |reason: String| Error::Unreachable {
-        url: url.clone(),
-        reason,
-    };
+    let unusable = |reason: String| Error::Usage(format!("--coordinator {url}: {reason}"));
     let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| unreachable(format!("not a valid URL: {e}")))?
+        .map_err(|e| unusable(format!("not a valid URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(proto::WINDOW_BYTES)
@@ -404,15 +469,15 @@ fn endpoint(config: &Config) -> Result<Endpoint> {
         Some(tls) if https => {
             endpoint = endpoint
                 .tls_config(tls.load()?)
-                .map_err(|e| unreachable(format!("TLS settings: {e}")))?;
+                .map_err(|e| unusable(format!("TLS settings: {e}")))?;
         }
         Some(_) => {
-            return Err(unreachable(
+            return Err(unusable(
                 "--tls-ca is given but the URL is not https://; TLS would not be used".into(),
             ));
         }
         None if https => {
-            return Err(unreachable(
+            return Err(unusable(
                 "an https:// URL needs --tls-ca, the CA that signed the coordinator's certificate"
                     .into(),
             ));
@@ -422,39 +487,85 @@ fn endpoint(config: &Config) -> Result<Endpoint> {
     Ok(endpoint)
 }
 
-/// Connects, retrying with backoff until `timeout`: workers may start before the coordinator,
-/// and reconnect while it restarts.
+/// How often a worker that cannot reach its coordinator says so again.
+const STILL_UNREACHABLE_EVERY: Duration = Duration::from_secs(30);
+
+/// Connects, retrying with backoff until `timeout` (`None`: as long as it takes): workers may
+/// start long before the coordinator, and reconnect while it restarts.
 async fn connect(
     endpoint: &Endpoint,
-    timeout: Duration,
+    timeout: Option<Duration>,
     shutdown: &CancellationToken,
+    liveness: &Liveness,
 ) -> Result<Channel> {
     let unreachable = |reason: String| Error::Unreachable {
         url: endpoint.uri().to_string(),
         reason,
     };
-    let deadline = Instant::now() + timeout;
-    let mut delay = Duration::from_millis(100);
+    let started = Instant::now();
+    let mut backoff = Backoff::default();
+    let mut last_said: Option<Instant> = None;
     loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(e) if Instant::now() + delay < deadline => {
-                info!("coordinator not reachable yet ({e}); retrying in {delay:?}");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled() => return Err(unreachable("shut down while connecting".into())),
+        liveness.beat();
+        let error = match endpoint.connect().await {
+            Ok(channel) => {
+                if last_said.is_some() {
+                    info!(
+                        "coordinator reached after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    );
                 }
-                delay = (delay * 2).min(Duration::from_secs(2));
+                return Ok(channel);
             }
-            Err(e) => return Err(unreachable(format!("{e} (gave up after {timeout:?})"))),
+            Err(e) => e,
+        };
+        let delay = backoff.next();
+        if timeout.is_some_and(|timeout| started.elapsed() + delay >= timeout) {
+            let timeout = timeout.unwrap_or_default();
+            return Err(unreachable(format!("{error} (gave up after {timeout:?})")));
+        }
+        // One line at first, then one every half minute: a worker started long before its
+        // coordinator must not flood the log.
+        if last_said.is_none_or(|said| said.elapsed() >= STILL_UNREACHABLE_EVERY) {
+            match last_said {
+                None => info!("coordinator not reachable yet ({error}); retrying"),
+                Some(_) => info!(
+                    "coordinator still not reachable after {:.0} s ({error}); retrying",
+                    started.elapsed().as_secs_f64()
+                ),
+            }
+            last_said = Some(Instant::now());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Err(unreachable("shut down while connecting".into())),
         }
     }
 }
 
-/// A short wait before registering again, cut short by shutdown.
-async fn pause(shutdown: &CancellationToken) {
+/// Exponential backoff from 100 ms to 2 s.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    /// The next delay; each is twice the last, up to 2 s.
+    fn next(&mut self) -> Duration {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        delay
+    }
+}
+
+/// A wait before registering again, cut short by shutdown.
+async fn pause(shutdown: &CancellationToken, delay: Duration) {
     tokio::select! {
-        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        () = tokio::time::sleep(delay) => {}
         () = shutdown.cancelled() => {}
     }
 }

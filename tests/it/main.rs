@@ -3,9 +3,11 @@
 //! Every module is one area; `support` holds the harness.
 
 mod cluster;
+mod deploy;
 mod end_to_end;
 mod faults;
 mod fetch;
+mod kubernetes;
 mod plots;
 mod predict;
 mod procs;

@@ -1,11 +1,7 @@
 //! The test harness: MNIST on disk, the real binaries, and in-process clusters.
 
-use common::fetch::{default_data_dir, ensure_mnist};
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::OnceLock,
-};
+use std::path::{Path, PathBuf};
+pub use tests::binaries::{binary, mnist_dir};
 use tokio::net::TcpListener;
 
 /// Logs of the code under test, shown for failing tests (RUST_LOG filters).
@@ -16,49 +12,6 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
-}
-
-/// The real MNIST, fetched into the shared cache the first time.
-pub fn mnist_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = default_data_dir();
-        ensure_mnist(&dir).expect("MNIST is available");
-        dir
-    })
-    .clone()
-}
-
-/// Path of a binary of this workspace, built (once per test process) with the profile the
-/// tests were built with, so the tests always run the current code.
-pub fn binary(name: &str) -> PathBuf {
-    static PROFILE_DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = PROFILE_DIR.get_or_init(|| {
-        // The test runs as target/<profile>/deps/it-<hash>.
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps layout")
-            .to_path_buf();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args([
-            "build",
-            "--quiet",
-            "-p",
-            "coordinator",
-            "-p",
-            "worker",
-            "--bins",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("cargo runs");
-        assert!(status.success(), "building the binaries failed");
-        profile_dir
-    });
-    dir.join(name)
 }
 
 /// A coordinator configuration for tests: external in-process workers, a temporary run

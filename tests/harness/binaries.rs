@@ -50,19 +50,3 @@ pub fn binary(name: &str) -> PathBuf {
     });
     dir.join(name)
 }
-
-/// The programs of the container image: the directory `LOCKSTEP_IMAGE_BINARIES` names when
-/// set (CI builds them there with the Dockerfile's own command), else [`binary`]'s.
-pub fn image_binary(name: &str) -> PathBuf {
-    match std::env::var_os("LOCKSTEP_IMAGE_BINARIES") {
-        Some(dir) => {
-            let path = PathBuf::from(dir).join(name);
-            assert!(
-                path.is_file(),
-                "LOCKSTEP_IMAGE_BINARIES has no {name}: build it with the Dockerfile's command"
-            );
-            path
-        }
-        None => binary(name),
-    }
-}

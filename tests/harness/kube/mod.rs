@@ -249,7 +249,7 @@ impl Lab {
             set_mode(dir, 0o755);
         }
         for program in ["coordinator", "worker"] {
-            link_or_copy(&crate::binaries::image_binary(program), &bin.join(program));
+            link_or_copy(&crate::binaries::binary(program), &bin.join(program));
         }
 
         let mut claims = BTreeMap::new();

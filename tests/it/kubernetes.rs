@@ -482,17 +482,51 @@ fn workers_started_a_minute_before_the_coordinator_wait_and_then_train() {
     assert_accuracy(&records, recipe);
 }
 
-#[test]
-fn a_worker_pod_sigkilled_is_replaced_by_the_job_and_its_replacement_admitted() {
+/// A running job of the `long` recipe, both Jobs applied, once step `step` is done: the
+/// lab, the coordinator's pod, the three worker pods, and the id the coordinator gave the
+/// worker at `victim`.
+struct Running {
+    lab: Lab,
+    recipe: Recipe,
+    coordinator: PodRef,
+    workers: Vec<PodRef>,
+    victim: PodRef,
+    id: String,
+}
+
+fn running(victim: usize, step: u64) -> Option<Running> {
     let recipe = long();
-    let Some(lab) = lab(recipe) else { return };
+    let lab = lab(recipe)?;
     lab.create_job(WORKERS);
     lab.create_job(COORDINATOR);
     let coordinator = coordinator(&lab);
-    let original = workers(&lab, 3);
-    let victim = original[1].clone();
+    let workers = workers(&lab, 3);
+    let victim = workers[victim].clone();
     let id = registrations(&coordinator.log, &victim, 1).remove(0);
-    wait_step(&coordinator.log, 100);
+    wait_step(&coordinator.log, step);
+    Some(Running {
+        lab,
+        recipe,
+        coordinator,
+        workers,
+        victim,
+        id,
+    })
+}
+
+#[test]
+fn a_worker_pod_sigkilled_is_replaced_by_the_job_and_its_replacement_admitted() {
+    let Some(Running {
+        lab,
+        recipe,
+        coordinator,
+        victim,
+        id,
+        ..
+    }) = running(1, 100)
+    else {
+        return;
+    };
 
     info!("--- SIGKILL worker pod {} ({id})", victim.name);
     lab.signal(&victim, libc::SIGKILL);
@@ -632,15 +666,17 @@ fn the_coordinator_pod_sigtermed_writes_its_checkpoint_and_loses_no_step() {
 
 #[test]
 fn a_worker_cut_off_the_network_for_10_s_is_evicted_and_rejoins() {
-    let recipe = long();
-    let Some(lab) = lab(recipe) else { return };
-    lab.create_job(WORKERS);
-    lab.create_job(COORDINATOR);
-    let coordinator = coordinator(&lab);
-    let original = workers(&lab, 3);
-    let victim = original[2].clone();
-    let id = registrations(&coordinator.log, &victim, 1).remove(0);
-    wait_step(&coordinator.log, 100);
+    let Some(Running {
+        lab,
+        recipe,
+        coordinator,
+        workers: original,
+        victim,
+        id,
+    }) = running(2, 100)
+    else {
+        return;
+    };
 
     info!("--- cut {} ({id}) off the network for 10 s", victim.name);
     lab.set_cut(&victim, true);

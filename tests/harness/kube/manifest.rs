@@ -15,30 +15,26 @@ pub struct Manifests {
 impl Manifests {
     /// `kubectl kustomize OVERLAY` (kubectl with its built-in kustomize must be on the PATH).
     pub fn render(overlay: &Path) -> Manifests {
-        let output = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(overlay)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run kubectl (is it installed?): {e}"));
-        assert!(
-            output.status.success(),
-            "kubectl kustomize {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Manifests::parse(&String::from_utf8(output.stdout).expect("UTF-8 YAML"))
+        let mut kubectl = Command::new("kubectl");
+        kubectl.arg("kustomize").arg(overlay);
+        Manifests::from_output(kubectl, "kubectl (with its built-in kustomize)")
     }
 
     /// The Secrets of `deploy/generate-secrets.sh`, run with its defaults.
     pub fn generate_secrets(script: &Path) -> Manifests {
-        let output = Command::new("bash")
-            .arg(script)
+        let mut bash = Command::new("bash");
+        bash.arg(script);
+        Manifests::from_output(bash, &script.display().to_string())
+    }
+
+    /// The objects `command` writes to stdout as YAML; panics naming `what` when it fails.
+    fn from_output(mut command: Command, what: &str) -> Manifests {
+        let output = command
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
         assert!(
             output.status.success(),
-            "{}: {}",
-            script.display(),
+            "{what}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         Manifests::parse(&String::from_utf8(output.stdout).expect("UTF-8 YAML"))

@@ -202,6 +202,7 @@ async fn crash_before_checkpoint_rename_keeps_the_previous_checkpoint() -> anyho
     let resumed = train_in_process(
         coordinator::Config {
             resume: Some(run_dir.clone()),
+            run_dir: None,
             ..every_20("unused")
         },
         None,

@@ -8,6 +8,15 @@
 //! candle sizes its CPU thread pools from `RAYON_NUM_THREADS` once per process, so each
 //! (model, thread count) runs in a child process: this binary again, with [`CHILD_ENV`] naming
 //! the model, answering with one JSON line on stdout.
+//!
+//! For profiles (`valgrind --tool=callgrind`, `perf record`), run one child by hand with
+//! [`BATCHES_ENV`] set: it then trains exactly that many batches after the warm-up and
+//! evaluates [`MIN_EVAL_CHUNKS`] chunks, whatever the time, so that instruction counts repeat:
+//!
+//! ```text
+//! LOCKSTEP_BENCH_MODEL=lenet LOCKSTEP_BENCH_BATCHES=20 RAYON_NUM_THREADS=1 \
+//!     CANDLE_NUM_THREADS=1 valgrind --tool=callgrind target/release/deps/models-HASH
+//! ```
 
 use candle_core::Device;
 use common::dataset::Dataset;
@@ -25,6 +34,8 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// Set in a child process to the model it measures.
 const CHILD_ENV: &str = "LOCKSTEP_BENCH_MODEL";
+/// Set in a child process to a fixed number of measured training batches (for profiles).
+const BATCHES_ENV: &str = "LOCKSTEP_BENCH_BATCHES";
 /// The thread counts measured, each in its own process.
 const THREADS: [usize; 2] = [1, 2];
 /// A worker's batch in the tutorials' single-worker setting.
@@ -185,6 +196,15 @@ fn measure(kind: ModelKind) -> Result<Measurement> {
     let mut params = replica.params().init_flat(0);
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), params.len());
     let plan = EpochPlan::new(0, 0, dataset.train.len(), BATCH);
+    let fixed_batches: Option<usize> = match std::env::var(BATCHES_ENV) {
+        Ok(batches) => Some(batches.parse()?),
+        Err(_) => None,
+    };
+    let enough =
+        |measured: usize, from: Instant, min: usize, min_time: Duration| match fixed_batches {
+            Some(_) => measured >= min,
+            None => measured >= min && from.elapsed() >= min_time,
+        };
 
     let mut sgd = Duration::ZERO;
     let mut losses = Vec::new();
@@ -196,7 +216,8 @@ fn measure(kind: ModelKind) -> Result<Measurement> {
             sgd = Duration::ZERO;
         }
         let measured = step.saturating_sub(WARMUP_BATCHES);
-        if measured >= MIN_TRAIN_BATCHES && measured_from.elapsed() >= MIN_TRAIN_TIME {
+        let min = fixed_batches.unwrap_or(MIN_TRAIN_BATCHES);
+        if enough(measured, measured_from, min, MIN_TRAIN_TIME) {
             break;
         }
         let (images, labels) = dataset
@@ -225,7 +246,7 @@ fn measure(kind: ModelKind) -> Result<Measurement> {
             measured_from = Instant::now();
         }
         let measured = chunk.saturating_sub(WARMUP_EVAL_CHUNKS);
-        if measured >= MIN_EVAL_CHUNKS && measured_from.elapsed() >= MIN_EVAL_TIME {
+        if enough(measured, measured_from, MIN_EVAL_CHUNKS, MIN_EVAL_TIME) {
             break;
         }
         let start = (chunk % chunks) * EVAL_CHUNK;

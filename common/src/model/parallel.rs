@@ -24,16 +24,25 @@ pub(super) fn worth_splitting(work: usize) -> bool {
 
 /// Calls `f(index, item)` for every item, in parallel when `work` (the whole job's, in
 /// element-equivalents) is worth splitting.
-///
-/// On rayon's pool rather than candle's barrier pool (which its elementwise ops use): the
-/// barrier pool waits by spinning, and on a 2-core machine shared with other processes that
-/// made LeNet at 2 threads half as fast as on rayon (600 against 1,200 images/s).
 pub(super) fn for_each_task<I: Send>(
     items: Vec<I>,
     work: usize,
     f: impl Fn(usize, I) + Sync + Send,
 ) {
-    if !worth_splitting(work) {
+    for_each_piece(items, worth_splitting(work), f)
+}
+
+/// Calls `f(index, item)` for every item, on the pool when `parallel`.
+///
+/// On rayon's pool rather than candle's barrier pool (which its elementwise ops use): the
+/// barrier pool waits by spinning, and on a 2-core machine shared with other processes that
+/// made LeNet at 2 threads half as fast as on rayon (600 against 1,200 images/s).
+pub(super) fn for_each_piece<I: Send>(
+    items: Vec<I>,
+    parallel: bool,
+    f: impl Fn(usize, I) + Sync + Send,
+) {
+    if !parallel {
         items
             .into_iter()
             .enumerate()
@@ -99,6 +108,27 @@ pub(super) unsafe fn map_ranges<U: Copy + Send>(
 /// The pieces of an elementwise map: small enough to balance two threads on LeNet's smallest
 /// parallel activation, large enough that each is worth a task.
 const MAP_CHUNK: usize = 16 * 1024;
+
+/// `values` as f32, when `T` is f32: the kernels generic over f32 and f64 take their f32
+/// paths, compiled per instruction set, through this.
+pub(super) fn as_f32<T: 'static>(values: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is f32.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) }
+    })
+}
+
+/// A vector of f32 as a vector of `T`.
+///
+/// # Safety
+///
+/// `T` must be f32.
+pub(super) unsafe fn cast_vec<T: 'static>(values: Vec<f32>) -> Vec<T> {
+    assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>());
+    let mut values = std::mem::ManuallyDrop::new(values);
+    // SAFETY: `T` is f32, so pointer, length and capacity describe the same allocation.
+    unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast(), values.len(), values.capacity()) }
+}
 
 /// For the kernels' tests: runs `op` on a random `f32` input of `shape` and its backward
 /// pass against a random probe, in a rayon pool of 1 and of 2 threads, and asserts that the

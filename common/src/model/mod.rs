@@ -9,6 +9,7 @@ mod cnn;
 mod conv;
 mod conv_op;
 mod dropout;
+mod gemm;
 mod kind;
 mod lenet;
 mod mlp;

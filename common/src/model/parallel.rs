@@ -118,6 +118,14 @@ pub(super) fn as_f32<T: 'static>(values: &[T]) -> Option<&[f32]> {
     })
 }
 
+/// `values` as f32, when `T` is f32.
+pub(super) fn as_f32_mut<T: 'static>(values: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is f32.
+        unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), values.len()) }
+    })
+}
+
 /// A vector of f32 as a vector of `T`.
 ///
 /// # Safety

@@ -256,7 +256,7 @@ fn forward<T: WithDType>(xs: &[T], weight: &[T], bias: &[T], g: Geometry) -> Vec
         for (j, ys) in ys.chunks_mut(image_out).enumerate() {
             let b = i * images_per_task + j;
             let ys = fill_bias(ys, bias, g.pixels());
-            forward_image(g.image(&xs, b), weight, g, &mut cols, ys);
+            forward_image(g.image(xs, b), weight, g, &mut cols, ys);
         }
     };
     // SAFETY: `task` fills every output element with its channel's bias first.
@@ -419,7 +419,7 @@ fn backward<T: WithDType>(
                     &mut cols_grad[..],
                 )
             });
-            backward_image(g.image(&xs, b), weight, grads, g, &mut cols, partial, input);
+            backward_image(g.image(xs, b), weight, grads, g, &mut cols, partial, input);
         }
     };
     let tasks = partials

@@ -122,6 +122,15 @@ pub(super) unsafe fn matmul_raw<T: WithDType>(
     }
 }
 
+/// A pointer that may cross threads, for tasks writing disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub(super) struct SendPtr<T>(pub *mut T);
+
+// SAFETY: whoever shares it promises the tasks touch disjoint elements.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,16 @@ pub(super) fn worth_splitting(work: usize) -> bool {
     work >= MIN_PARALLEL_WORK && rayon::current_num_threads() > 1
 }
 
+/// Below this many multiply-adds a matrix product stays on the calling thread: a product of
+/// a million multiply-adds takes about 10 microseconds on one AVX-512 core, what handing
+/// pieces to the pool and waiting for them costs.
+pub(super) const MIN_PARALLEL_PRODUCT: usize = 1 << 20;
+
+/// Whether products of `multiply_adds` in all should be handed to the pool in pieces.
+pub(super) fn worth_splitting_product(multiply_adds: usize) -> bool {
+    multiply_adds >= MIN_PARALLEL_PRODUCT && rayon::current_num_threads() > 1
+}
+
 /// Calls `f(index, item)` for every item, in parallel when `work` (the whole job's, in
 /// element-equivalents) is worth splitting.
 pub(super) fn for_each_task<I: Send>(
@@ -136,6 +146,13 @@ pub(super) unsafe fn cast_vec<T: 'static>(values: Vec<f32>) -> Vec<T> {
     let mut values = std::mem::ManuallyDrop::new(values);
     // SAFETY: `T` is f32, so pointer, length and capacity describe the same allocation.
     unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast(), values.len(), values.capacity()) }
+}
+
+/// Initialised floats seen as possibly uninitialised, for kernels that write `MaybeUninit`
+/// outputs (they only ever write initialised values).
+pub(super) fn as_uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the kernels store only initialised values through it.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// For the kernels' tests: runs `op` on a random `f32` input of `shape` and its backward

@@ -248,3 +248,180 @@ pub(super) unsafe fn backward_row_avx2(
         x += 8;
     }
 }
+
+/// [`forward_row_avx512`] that also writes each window's code (see `pool::Code`).
+///
+/// # Safety
+///
+/// As [`forward_row_avx512`], and `codes` valid for `ow` writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+pub(super) unsafe fn forward_row_codes_avx512(
+    top: *const f32,
+    bottom: *const f32,
+    ys: *mut f32,
+    codes: *mut u32,
+    ow: usize,
+) {
+    let mut x = 0;
+    while x < ow {
+        let lanes = (ow - x).min(16);
+        // SAFETY: the masks keep every access inside the rows, `ys` and `codes`.
+        unsafe {
+            let (a, b, c, d) = windows512(top, bottom, x, lanes);
+            let max = pick512(pick512(pick512(a, b), c), d);
+            let is_max = |v: __m512| {
+                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, max) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+            };
+            let (to_a, to_b, to_c) = (is_max(a), is_max(b), is_max(c));
+            let code = _mm512_set1_epi32(3);
+            let code = _mm512_mask_blend_epi32(to_c, code, _mm512_set1_epi32(2));
+            let code = _mm512_mask_blend_epi32(to_b, code, _mm512_set1_epi32(1));
+            let code = _mm512_mask_blend_epi32(to_a, code, _mm512_setzero_si512());
+            _mm512_mask_storeu_ps(ys.add(x), mask16(lanes), max);
+            _mm512_mask_storeu_epi32(codes.add(x).cast(), mask16(lanes), code);
+        }
+        x += 16;
+    }
+}
+
+/// One output row's input gradient from its codes: `grads[x]`, times `1 - y^2` of
+/// `pooled[x]` when `pooled` is not null, onto the coded element of window `x`.
+///
+/// # Safety
+///
+/// AVX-512 F, BW, DQ and VL; `codes`, `grads` and `pooled` (unless null) valid for `ow`
+/// reads, `d_top` and `d_bottom` for `2 * ow` writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+pub(super) unsafe fn backward_row_codes_avx512(
+    codes: *const u32,
+    grads: *const f32,
+    pooled: *const f32,
+    d_top: *mut f32,
+    d_bottom: *mut f32,
+    ow: usize,
+) {
+    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mut x = 0;
+    while x < ow {
+        let lanes = (ow - x).min(16);
+        let (lo, hi) = (mask16(2 * lanes), mask16((2 * lanes).saturating_sub(16)));
+        // SAFETY: the masks keep every access inside the rows.
+        unsafe {
+            let code = _mm512_maskz_loadu_epi32(mask16(lanes), codes.add(x).cast());
+            let mut g = _mm512_maskz_loadu_ps(mask16(lanes), grads.add(x));
+            if !pooled.is_null() {
+                let y = _mm512_maskz_loadu_ps(mask16(lanes), pooled.add(x));
+                g = _mm512_mul_ps(g, _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_mul_ps(y, y)));
+            }
+            let on = |k: i32| {
+                _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(k)), g)
+            };
+            let store = |row: *mut f32, l: __m512, r: __m512| {
+                _mm512_mask_storeu_ps(
+                    row.wrapping_add(2 * x),
+                    lo,
+                    _mm512_permutex2var_ps(l, first, r),
+                );
+                _mm512_mask_storeu_ps(
+                    row.wrapping_add(2 * x + 16),
+                    hi,
+                    _mm512_permutex2var_ps(l, second, r),
+                );
+            };
+            store(d_top, on(0), on(1));
+            store(d_bottom, on(2), on(3));
+        }
+        x += 16;
+    }
+}
+
+/// [`forward_row_codes_avx512`] with AVX2.
+///
+/// # Safety
+///
+/// AVX2; the buffers as for [`forward_row_codes_avx512`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn forward_row_codes_avx2(
+    top: *const f32,
+    bottom: *const f32,
+    ys: *mut f32,
+    codes: *mut u32,
+    ow: usize,
+) {
+    let mut x = 0;
+    while x < ow {
+        let lanes = (ow - x).min(8);
+        // SAFETY: the masks keep every access inside the rows, `ys` and `codes`.
+        unsafe {
+            let (a, b, c, d) = windows256(top, bottom, x, lanes);
+            let max = pick256(pick256(pick256(a, b), c), d);
+            let is_max = |v: __m256| {
+                _mm256_castps_si256(_mm256_or_ps(
+                    _mm256_cmp_ps::<_CMP_EQ_OQ>(v, max),
+                    _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v),
+                ))
+            };
+            let (to_a, to_b, to_c) = (is_max(a), is_max(b), is_max(c));
+            let code = _mm256_set1_epi32(3);
+            let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(2), to_c);
+            let code = _mm256_blendv_epi8(code, _mm256_set1_epi32(1), to_b);
+            let code = _mm256_blendv_epi8(code, _mm256_setzero_si256(), to_a);
+            _mm256_maskstore_ps(ys.add(x), mask8(lanes), max);
+            _mm256_maskstore_epi32(codes.add(x).cast(), mask8(lanes), code);
+        }
+        x += 8;
+    }
+}
+
+/// [`backward_row_codes_avx512`] with AVX2.
+///
+/// # Safety
+///
+/// AVX2; the buffers as for [`backward_row_codes_avx512`].
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn backward_row_codes_avx2(
+    codes: *const u32,
+    grads: *const f32,
+    pooled: *const f32,
+    d_top: *mut f32,
+    d_bottom: *mut f32,
+    ow: usize,
+) {
+    let mut x = 0;
+    while x < ow {
+        let lanes = (ow - x).min(8);
+        let (lo, hi) = (mask8(2 * lanes), mask8((2 * lanes).saturating_sub(8)));
+        // SAFETY: the masks keep every access inside the rows.
+        unsafe {
+            let code = _mm256_maskload_epi32(codes.add(x).cast(), mask8(lanes));
+            let mut g = _mm256_maskload_ps(grads.add(x), mask8(lanes));
+            if !pooled.is_null() {
+                let y = _mm256_maskload_ps(pooled.add(x), mask8(lanes));
+                g = _mm256_mul_ps(g, _mm256_sub_ps(_mm256_set1_ps(1.0), _mm256_mul_ps(y, y)));
+            }
+            let on = |k: i32| {
+                _mm256_and_ps(
+                    _mm256_castsi256_ps(_mm256_cmpeq_epi32(code, _mm256_set1_epi32(k))),
+                    g,
+                )
+            };
+            let store = |row: *mut f32, l: __m256, r: __m256| {
+                let (low, high) = (_mm256_unpacklo_ps(l, r), _mm256_unpackhi_ps(l, r));
+                _mm256_maskstore_ps(
+                    row.wrapping_add(2 * x),
+                    lo,
+                    _mm256_permute2f128_ps::<0x20>(low, high),
+                );
+                _mm256_maskstore_ps(
+                    row.wrapping_add(2 * x + 8),
+                    hi,
+                    _mm256_permute2f128_ps::<0x31>(low, high),
+                );
+            };
+            store(d_top, on(0), on(1));
+            store(d_bottom, on(2), on(3));
+        }
+        x += 8;
+    }
+}

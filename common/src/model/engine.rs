@@ -1,7 +1,7 @@
 use super::conv_op::{self, GROUP, Geometry};
 use super::dropout::fill_mask;
 use super::linear::Dense;
-use super::parallel::{as_uninit, for_each_piece, worth_splitting_product};
+use super::parallel::{as_uninit, for_each_piece, on_pool, worth_splitting_product};
 use super::{Layer, ModelKind, loss, mlp_dropout, pool, relu, tanh};
 use crate::dataset::{CLASSES, IMAGE_PIXELS};
 use crate::simd::Isa;
@@ -26,7 +26,10 @@ const EVAL_PIECE: usize = 64;
 /// - the convolutional part image by image: each task takes a fixed group of
 ///   [`GROUP`] images through every convolution, activation and pool (forward, or backward
 ///   with the group's partial weight gradients), so a thread keeps whole images in its cache
-///   and the threads meet once per pass; the partial sums are added in group order;
+///   and the threads meet once per pass; the partial sums are added in group order. Only the
+///   outputs the backward pass reads are kept for the batch ([`Stage::stored`]): a pool keeps
+///   the position of each window's maximum, so neither its input nor a tanh before it needs
+///   keeping, and the layers' gradients never leave the task's scratch;
 /// - the dense part on the whole batch, each product cut into pieces of columns fixed by the
 ///   layer's shape ([`Dense`]);
 /// - the loss fused with its gradient ([`loss::softmax_cross_entropy`]).
@@ -332,6 +335,17 @@ impl Engine {
         dropout_seed: u64,
         grad: &mut [f32],
     ) -> Result<(f64, u64)> {
+        on_pool(|| self.gradient_on_pool(params, images, labels, dropout_seed, grad))
+    }
+
+    fn gradient_on_pool(
+        &mut self,
+        params: &[f32],
+        images: &[f32],
+        labels: &[u32],
+        dropout_seed: u64,
+        grad: &mut [f32],
+    ) -> Result<(f64, u64)> {
         let n = labels.len();
         self.check(params, images, n)?;
         check_len("gradient", self.params, grad.len())?;
@@ -361,6 +375,10 @@ impl Engine {
     /// The logits `(n, 10)` of `images` (`(n, 28 * 28)`), without dropout, in pieces of
     /// [`EVAL_PIECE`] images spread over the threads.
     pub fn logits(&self, params: &[f32], images: &[f32]) -> Result<Vec<f32>> {
+        on_pool(|| self.logits_on_pool(params, images))
+    }
+
+    fn logits_on_pool(&self, params: &[f32], images: &[f32]) -> Result<Vec<f32>> {
         let n = images.len() / IMAGE_PIXELS;
         self.check(params, images, n)?;
         let mut logits = vec![0.0; n * CLASSES];

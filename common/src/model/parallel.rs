@@ -32,6 +32,18 @@ pub(super) fn worth_splitting_product(multiply_adds: usize) -> bool {
     multiply_adds >= MIN_PARALLEL_PRODUCT && rayon::current_num_threads() > 1
 }
 
+/// Runs `f` on a thread of the current pool, when it has more than one: a caller outside the
+/// pool then sleeps until `f` is done, instead of running the serial parts of a step beside a
+/// pool thread that spins while it waits for the next parallel part (three busy threads on
+/// two cores).
+pub(super) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() || rayon::current_num_threads() == 1 {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Calls `f(index, item)` for every item, in parallel when `work` (the whole job's, in
 /// element-equivalents) is worth splitting.
 pub(super) fn for_each_task<I: Send>(

@@ -486,11 +486,22 @@ unsafe fn assume_init<T>(values: &mut [MaybeUninit<T>]) -> &mut [T] {
 /// One image `(c, h, w)` to its im2col matrix `(c * k * k, oh * ow)`: the column of an output
 /// pixel holds the input window it sees, ordered as a weight `(out, c, k, k)` flattens.
 pub(super) fn im2col<T: WithDType>(image: &[T], g: Geometry, cols: &mut [T]) {
-    let (image, cols) = (&image[..g.image_len()], &mut cols[..g.patch() * g.pixels()]);
+    im2col_strided(image, g, cols, g.pixels());
+}
+
+/// [`im2col`] into a wider matrix whose rows are `stride` apart: with `cols` starting at column
+/// `b * pixels` of a `(patch, images * pixels)` matrix, image `b`'s block of it.
+pub(super) fn im2col_strided<T: WithDType>(
+    image: &[T],
+    g: Geometry,
+    cols: &mut [T],
+    stride: usize,
+) {
+    let (image, cols) = (&image[..g.image_len()], &mut cols[..strided_len(g, stride)]);
     if let (Some(image), Some(cols)) = (as_f32(image), as_f32_mut(cols)) {
-        return im2col_f32(Isa::current(), image, g, cols);
+        return im2col_f32(Isa::current(), image, g, cols, stride);
     }
-    for_each_run(g, |src, dst, len| {
+    for_each_run(g, stride, |src, dst, len| {
         cols[dst..dst + len].copy_from_slice(&image[src..src + len]);
     });
 }
@@ -498,26 +509,43 @@ pub(super) fn im2col<T: WithDType>(image: &[T], g: Geometry, cols: &mut [T]) {
 /// The adjoint of [`im2col`]: every input pixel gets the sum of the entries of `cols` that
 /// came from it, added from zero in kernel-position order; `image` is overwritten.
 pub(super) fn col2im<T: WithDType>(cols: &[T], g: Geometry, image: &mut [T]) {
-    let (image, cols) = (&mut image[..g.image_len()], &cols[..g.patch() * g.pixels()]);
+    col2im_strided(cols, g.pixels(), g, image);
+}
+
+/// [`col2im`] from a wider matrix whose rows are `stride` apart (see [`im2col_strided`]).
+pub(super) fn col2im_strided<T: WithDType>(
+    cols: &[T],
+    stride: usize,
+    g: Geometry,
+    image: &mut [T],
+) {
+    let (image, cols) = (&mut image[..g.image_len()], &cols[..strided_len(g, stride)]);
     if let (Some(image), Some(cols)) = (as_f32_mut(image), as_f32(cols)) {
-        return col2im_f32(Isa::current(), cols, g, image);
+        return col2im_f32(Isa::current(), cols, stride, g, image);
     }
     image.fill(T::zero());
-    for_each_run(g, |dst, src, len| {
+    for_each_run(g, stride, |dst, src, len| {
         for (x, &col) in image[dst..dst + len].iter_mut().zip(&cols[src..src + len]) {
             *x += col;
         }
     });
 }
 
+/// The extent of an im2col matrix of `patch` rows `stride` apart: up to the last row's end.
+fn strided_len(g: Geometry, stride: usize) -> usize {
+    assert!(stride >= g.pixels());
+    (g.patch() - 1) * stride + g.pixels()
+}
+
 /// Calls `f(image_offset, cols_offset, len)` for every run of `ow` values that im2col copies:
-/// one output row of one kernel position of one channel.
-fn for_each_run(g: Geometry, mut f: impl FnMut(usize, usize, usize)) {
-    let (k, oh, ow, pixels) = (g.k, g.oh(), g.ow(), g.pixels());
+/// one output row of one kernel position of one channel, the im2col matrix's rows `stride`
+/// apart.
+fn for_each_run(g: Geometry, stride: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let (k, oh, ow) = (g.k, g.oh(), g.ow());
     for ci in 0..g.c {
         for i in 0..k {
             for j in 0..k {
-                let row = ((ci * k + i) * k + j) * pixels;
+                let row = ((ci * k + i) * k + j) * stride;
                 for y in 0..oh {
                     f((ci * g.h + y + i) * g.w + j, row + y * ow, ow);
                 }
@@ -526,46 +554,46 @@ fn for_each_run(g: Geometry, mut f: impl FnMut(usize, usize, usize)) {
     }
 }
 
-/// [`im2col`] of f32 with `isa`'s instructions. The runs are short (8 floats for LeNet's second
-/// convolution), so the vector paths move each with vector loads and stores, the tail under a
-/// mask, where the portable one calls `memcpy` per run.
-fn im2col_f32(isa: Isa, image: &[f32], g: Geometry, cols: &mut [f32]) {
-    assert!(image.len() == g.image_len() && cols.len() == g.patch() * g.pixels());
+/// [`im2col_strided`] of f32 with `isa`'s instructions. The runs are short (8 floats for
+/// LeNet's second convolution), so the vector paths move each with vector loads and stores,
+/// the tail under a mask, where the portable one calls `memcpy` per run.
+fn im2col_f32(isa: Isa, image: &[f32], g: Geometry, cols: &mut [f32], stride: usize) {
+    assert!(image.len() == g.image_len() && cols.len() == strided_len(g, stride));
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported; the runs stay inside both buffers, whose lengths are
         // checked above.
-        Isa::Avx512 => unsafe { x86::im2col_avx512(image.as_ptr(), g, cols.as_mut_ptr()) },
+        Isa::Avx512 => unsafe { x86::im2col_avx512(image.as_ptr(), g, cols.as_mut_ptr(), stride) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::im2col_avx2(image.as_ptr(), g, cols.as_mut_ptr()) },
-        _ => for_each_run(g, |src, dst, len| {
+        Isa::Avx2 => unsafe { x86::im2col_avx2(image.as_ptr(), g, cols.as_mut_ptr(), stride) },
+        _ => for_each_run(g, stride, |src, dst, len| {
             cols[dst..dst + len].copy_from_slice(&image[src..src + len]);
         }),
     }
 }
 
-/// [`col2im`] of f32 with `isa`'s instructions, one input row at a time: the row's sums are
-/// kept in registers over every kernel position that reaches it and stored once. (Adding
+/// [`col2im_strided`] of f32 with `isa`'s instructions, one input row at a time: the row's sums
+/// are kept in registers over every kernel position that reaches it and stored once. (Adding
 /// each run onto memory, as the generic path does, makes every run wait for the overlapping
 /// store of the kernel position before it.) Every path adds the same terms in the same order.
-fn col2im_f32(isa: Isa, cols: &[f32], g: Geometry, image: &mut [f32]) {
-    assert!(image.len() == g.image_len() && cols.len() == g.patch() * g.pixels());
+fn col2im_f32(isa: Isa, cols: &[f32], stride: usize, g: Geometry, image: &mut [f32]) {
+    assert!(image.len() == g.image_len() && cols.len() == strided_len(g, stride));
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported; every access stays inside both buffers, whose lengths
         // are checked above.
-        Isa::Avx512 => unsafe { x86::col2im_avx512(cols.as_ptr(), g, image.as_mut_ptr()) },
+        Isa::Avx512 => unsafe { x86::col2im_avx512(cols.as_ptr(), stride, g, image.as_mut_ptr()) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::col2im_avx2(cols.as_ptr(), g, image.as_mut_ptr()) },
-        _ => col2im_rows(cols, g, image),
+        Isa::Avx2 => unsafe { x86::col2im_avx2(cols.as_ptr(), stride, g, image.as_mut_ptr()) },
+        _ => col2im_rows(cols, stride, g, image),
     }
 }
 
 /// The portable [`col2im_f32`]: row by row, from zero, kernel rows then kernel columns.
-fn col2im_rows(cols: &[f32], g: Geometry, image: &mut [f32]) {
-    let (k, oh, ow, pixels) = (g.k, g.oh(), g.ow(), g.pixels());
+fn col2im_rows(cols: &[f32], stride: usize, g: Geometry, image: &mut [f32]) {
+    let (k, oh, ow) = (g.k, g.oh(), g.ow());
     for ci in 0..g.c {
         for r in 0..g.h {
             let row = &mut image[(ci * g.h + r) * g.w..][..g.w];
@@ -573,7 +601,7 @@ fn col2im_rows(cols: &[f32], g: Geometry, image: &mut [f32]) {
             for i in (0..k).filter(|&i| r >= i && r - i < oh) {
                 let y = r - i;
                 for j in 0..k {
-                    let run = &cols[((ci * k + i) * k + j) * pixels + y * ow..][..ow];
+                    let run = &cols[((ci * k + i) * k + j) * stride + y * ow..][..ow];
                     for (x, &v) in row[j..j + ow].iter_mut().zip(run) {
                         *x += v;
                     }
@@ -709,14 +737,31 @@ mod tests {
             let run = |isa: Isa| {
                 let mut cols = vec![f32::NAN; g.patch() * g.pixels()];
                 let mut summed = vec![f32::NAN; g.image_len()];
-                im2col_f32(isa, &image, g, &mut cols);
-                col2im_f32(isa, &cols_in, g, &mut summed);
+                im2col_f32(isa, &image, g, &mut cols, g.pixels());
+                col2im_f32(isa, &cols_in, g.pixels(), g, &mut summed);
                 (bits(&cols), bits(&summed))
             };
             let portable = run(Isa::Portable);
+            // Into and out of the third image's block of a matrix four images wide.
+            let stride = 4 * g.pixels();
+            let wide_len = strided_len(g, stride) + 2 * g.pixels();
+            let strided = |isa: Isa| {
+                let mut wide = vec![f32::NAN; wide_len];
+                im2col_f32(isa, &image, g, &mut wide[2 * g.pixels()..], stride);
+                let mut summed = vec![f32::NAN; g.image_len()];
+                let mut wide_in = vec![0.0; wide_len];
+                for (r, row) in cols_in.chunks(g.pixels()).enumerate() {
+                    wide_in[2 * g.pixels() + r * stride..][..g.pixels()].copy_from_slice(row);
+                }
+                col2im_f32(isa, &wide_in[2 * g.pixels()..], stride, g, &mut summed);
+                let blocks: Vec<f32> = (0..g.patch())
+                    .flat_map(|r| wide[2 * g.pixels() + r * stride..][..g.pixels()].to_vec())
+                    .collect();
+                (bits(&blocks), bits(&summed))
+            };
             let mut generic = vec![f32::NAN; g.image_len()];
             generic.fill(0.0);
-            for_each_run(g, |dst, src, len| {
+            for_each_run(g, g.pixels(), |dst, src, len| {
                 for (x, &col) in generic[dst..dst + len].iter_mut().zip(&cols_in[src..src + len]) {
                     *x += col;
                 }
@@ -724,6 +769,7 @@ mod tests {
             prop_assert_eq!(&portable.1, &bits(&generic));
             for isa in Isa::supported() {
                 prop_assert_eq!(&run(isa), &portable, "{}", isa);
+                prop_assert_eq!(&strided(isa), &portable, "{} strided", isa);
             }
         }
     }

@@ -21,10 +21,11 @@ fn mask8(lanes: usize) -> __m256i {
 
 /// # Safety
 ///
-/// AVX-512 F; `image` valid for `g.image_len()` reads and `cols` for `patch * pixels` writes.
+/// AVX-512 F; `image` valid for `g.image_len()` reads and `cols` for writes of `patch` rows of
+/// `pixels` floats, `stride` apart.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-pub(super) unsafe fn im2col_avx512(image: *const f32, g: Geometry, cols: *mut f32) {
-    let (k, oh, ow, pixels) = (g.k, g.oh(), g.ow(), g.pixels());
+pub(super) unsafe fn im2col_avx512(image: *const f32, g: Geometry, cols: *mut f32, stride: usize) {
+    let (k, oh, ow) = (g.k, g.oh(), g.ow());
     // Whole vectors of 16, then one of 8 if it fits, then the rest under a mask: runs of 8
     // (LeNet's second convolution) and 24 (its first) need no mask at all.
     let full = ow / 16 * 16;
@@ -33,7 +34,7 @@ pub(super) unsafe fn im2col_avx512(image: *const f32, g: Geometry, cols: *mut f3
     for ci in 0..g.c {
         for i in 0..k {
             for j in 0..k {
-                let row = ((ci * k + i) * k + j) * pixels;
+                let row = ((ci * k + i) * k + j) * stride;
                 for y in 0..oh {
                     // SAFETY: the run of `ow` floats at these offsets lies inside both buffers.
                     unsafe {
@@ -63,14 +64,14 @@ pub(super) unsafe fn im2col_avx512(image: *const f32, g: Geometry, cols: *mut f3
 ///
 /// AVX2; the buffers as for [`im2col_avx512`].
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn im2col_avx2(image: *const f32, g: Geometry, cols: *mut f32) {
-    let (k, oh, ow, pixels) = (g.k, g.oh(), g.ow(), g.pixels());
+pub(super) unsafe fn im2col_avx2(image: *const f32, g: Geometry, cols: *mut f32, stride: usize) {
+    let (k, oh, ow) = (g.k, g.oh(), g.ow());
     let full = ow / 8 * 8;
     let tail = mask8(ow - full);
     for ci in 0..g.c {
         for i in 0..k {
             for j in 0..k {
-                let row = ((ci * k + i) * k + j) * pixels;
+                let row = ((ci * k + i) * k + j) * stride;
                 for y in 0..oh {
                     // SAFETY: the run of `ow` floats at these offsets lies inside both buffers.
                     unsafe {
@@ -101,10 +102,11 @@ const ROWS: usize = 4;
 
 /// # Safety
 ///
-/// AVX-512 F; `cols` valid for `patch * pixels` reads and `image` for `g.image_len()` writes.
+/// AVX-512 F; `cols` valid for reads of `patch` rows of `pixels` floats, `stride` apart, and
+/// `image` for `g.image_len()` writes.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-pub(super) unsafe fn col2im_avx512(cols: *const f32, g: Geometry, image: *mut f32) {
-    let (k, oh, ow, pixels) = (g.k, g.oh(), g.ow(), g.pixels());
+pub(super) unsafe fn col2im_avx512(cols: *const f32, stride: usize, g: Geometry, image: *mut f32) {
+    let (k, oh, ow) = (g.k, g.oh(), g.ow());
     for ci in 0..g.c {
         for c0 in (0..g.w).step_by(16) {
             for r0 in (0..g.h).step_by(ROWS) {
@@ -118,7 +120,7 @@ pub(super) unsafe fn col2im_avx512(cols: *const f32, g: Geometry, image: *mut f3
                             continue;
                         }
                         let lanes = mask16(hi) & !mask16(lo);
-                        let run = cols.wrapping_add(((ci * k + i) * k + j) * pixels);
+                        let run = cols.wrapping_add(((ci * k + i) * k + j) * stride);
                         for (t, acc) in acc.iter_mut().enumerate() {
                             let r = r0 + t;
                             if r >= g.h || r < i || r - i >= oh {
@@ -147,8 +149,8 @@ pub(super) unsafe fn col2im_avx512(cols: *const f32, g: Geometry, image: *mut f3
 ///
 /// AVX2; the buffers as for [`col2im_avx512`].
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn col2im_avx2(cols: *const f32, g: Geometry, image: *mut f32) {
-    let (k, oh, ow, pixels) = (g.k, g.oh(), g.ow(), g.pixels());
+pub(super) unsafe fn col2im_avx2(cols: *const f32, stride: usize, g: Geometry, image: *mut f32) {
+    let (k, oh, ow) = (g.k, g.oh(), g.ow());
     let index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for ci in 0..g.c {
         for c0 in (0..g.w).step_by(8) {
@@ -164,7 +166,7 @@ pub(super) unsafe fn col2im_avx2(cols: *const f32, g: Geometry, image: *mut f32)
                             _mm256_cmpgt_epi32(_mm256_set1_epi32(hi as i32), index),
                             _mm256_cmpgt_epi32(index, _mm256_set1_epi32(lo as i32 - 1)),
                         );
-                        let run = cols.wrapping_add(((ci * k + i) * k + j) * pixels);
+                        let run = cols.wrapping_add(((ci * k + i) * k + j) * stride);
                         for (t, acc) in acc.iter_mut().enumerate() {
                             let r = r0 + t;
                             if r >= g.h || r < i || r - i >= oh {

@@ -2,6 +2,7 @@ use super::conv_op::{self, GROUP, Geometry};
 use super::dropout::fill_mask;
 use super::linear::Dense;
 use super::parallel::{as_uninit, for_each_piece, on_pool, worth_splitting_product};
+use super::wide_conv::WideConv;
 use super::{Layer, ModelKind, loss, mlp_dropout, pool, relu, tanh};
 use crate::dataset::{CLASSES, IMAGE_PIXELS};
 use crate::simd::Isa;
@@ -88,6 +89,12 @@ enum DenseOp {
         weight: usize,
         bias: usize,
     },
+    /// A convolution with few output pixels, as one product over the batch.
+    Conv {
+        conv: WideConv,
+        weight: usize,
+        bias: usize,
+    },
     Tanh,
     Relu,
     Dropout(f32),
@@ -101,6 +108,9 @@ struct Activations {
     codes: Vec<Vec<pool::Code>>,
     dense: Vec<Vec<f32>>,
     masks: Vec<Vec<f32>>,
+    /// The im2col matrix of each whole-batch convolution, and their scratch.
+    dense_cols: Vec<Vec<f32>>,
+    wide: Vec<f32>,
     scratch: Vec<Scratch>,
 }
 
@@ -122,6 +132,9 @@ struct Training {
     dense_input_grad: Vec<f32>,
     dense_grads: Vec<Vec<f32>>,
     partials: Vec<Vec<f32>>,
+    /// Scratch of the whole-batch convolutions' backward passes.
+    wide_cols_grad: Vec<f32>,
+    wide_partial: Vec<f32>,
 }
 
 /// Where a layer's input for the current image is.
@@ -189,9 +202,10 @@ impl Engine {
         };
         let (mut image, mut dense) = (Vec::new(), Vec::new());
         let (mut c, mut h, mut w) = (1, 28, 28);
-        for &layer in kind.layers() {
+        let split = dense_part_start(kind.layers());
+        for (index, &layer) in kind.layers().iter().enumerate() {
             let input = c * h * w;
-            let flat = !dense.is_empty();
+            let flat = index >= split;
             match layer {
                 Layer::Conv {
                     name,
@@ -199,7 +213,7 @@ impl Engine {
                     outputs,
                     kernel: k,
                 } => {
-                    if flat || inputs != c || h < k || w < k || k == 0 {
+                    if inputs != c || h < k || w < k || k == 0 {
                         return Err(Error::Config(format!(
                             "{kind}: convolution {name} does not fit an input ({c}, {h}, {w})"
                         )));
@@ -212,18 +226,28 @@ impl Engine {
                         out: outputs,
                         k,
                     };
-                    let op = ImageOp::Conv {
-                        g,
-                        weight: param(name, "weight", &[outputs, inputs, k, k])?,
-                        bias: param(name, "bias", &[outputs])?,
-                    };
+                    let weight = param(name, "weight", &[outputs, inputs, k, k])?;
+                    let bias = param(name, "bias", &[outputs])?;
                     (c, h, w) = (outputs, g.oh(), g.ow());
-                    image.push(Stage {
-                        op,
-                        input,
-                        output: c * h * w,
-                        stored: false,
-                    });
+                    if flat {
+                        dense.push(Stage {
+                            op: DenseOp::Conv {
+                                conv: WideConv { g },
+                                weight,
+                                bias,
+                            },
+                            input,
+                            output: c * h * w,
+                            stored: true,
+                        });
+                    } else {
+                        image.push(Stage {
+                            op: ImageOp::Conv { g, weight, bias },
+                            input,
+                            output: c * h * w,
+                            stored: false,
+                        });
+                    }
                 }
                 Layer::MaxPool2x2 if !flat => {
                     let op = ImageOp::Pool {
@@ -431,6 +455,16 @@ impl Engine {
             _ => 0,
         });
         fit_all(&mut acts.masks, masks);
+        let wide_convs = || {
+            self.dense.iter().map(|s| match s.op {
+                DenseOp::Conv { conv, .. } => Some(conv),
+                _ => None,
+            })
+        };
+        let cols = wide_convs().map(|c| c.map_or(0, |c| c.cols_len(n)));
+        fit_all(&mut acts.dense_cols, cols);
+        let wide = wide_convs().flatten().map(|c| c.wide_len(n)).max();
+        fit(&mut acts.wide, wide.unwrap_or(0));
         let groups = if self.image.is_empty() {
             0
         } else {
@@ -496,6 +530,12 @@ impl Engine {
             _ => 0,
         });
         fit_all(&mut training.partials, partials);
+        for stage in &self.dense {
+            if let DenseOp::Conv { conv, .. } = stage.op {
+                fit(&mut training.wide_cols_grad, conv.cols_grad_len(n));
+                fit(&mut training.wide_partial, conv.partial_len());
+            }
+        }
     }
 
     /// Every convolution's geometry and parameter offsets.
@@ -585,6 +625,15 @@ impl Engine {
                     &params[bias..bias + layer.outputs],
                     out,
                 ),
+                DenseOp::Conv { conv, weight, bias } => conv.forward(
+                    input,
+                    n,
+                    &params[weight..weight + conv.g.out * conv.g.patch()],
+                    &params[bias..bias + conv.g.out],
+                    &mut acts.dense_cols[i],
+                    &mut acts.wide,
+                    out,
+                ),
                 DenseOp::Tanh => tanh::tanh_into(isa, input, as_uninit(out)),
                 DenseOp::Relu => relu::relu_into(isa, input, as_uninit(out)),
                 DenseOp::Dropout(p) => match rng.as_deref_mut() {
@@ -657,12 +706,16 @@ impl Engine {
             dense_input_grad,
             dense_grads,
             partials,
+            wide_cols_grad,
+            wide_partial,
         } = training;
         let Activations {
             image: image_acts,
             codes,
             dense: dense_acts,
             masks,
+            dense_cols,
+            wide,
             scratch,
         } = acts;
         for i in (0..self.dense.len()).rev() {
@@ -695,6 +748,18 @@ impl Engine {
                     );
                     let weight = &params[weight..weight + layer.inputs * layer.outputs];
                     layer.backward(input, n, weight, dy, dweight, dbias, dx);
+                }
+                (DenseOp::Conv { conv, weight, bias }, dx) => {
+                    let len = conv.g.out * conv.g.patch();
+                    let (dweight, dbias) =
+                        two_mut(grad, weight..weight + len, bias..bias + conv.g.out);
+                    let scratch = (
+                        &mut wide[..],
+                        &mut wide_cols_grad[..],
+                        &mut wide_partial[..],
+                    );
+                    let weight = &params[weight..weight + len];
+                    conv.backward(n, weight, dy, &dense_cols[i], scratch, dweight, dbias, dx);
                 }
                 (DenseOp::Tanh, Some(dx)) => {
                     let ys = &dense_acts[i][..n * stage.output];
@@ -931,6 +996,38 @@ fn places<'a>(
             (input, &mut out[..output])
         }
     }
+}
+
+/// Output pixels per image up to which a convolution runs over the whole batch as one product
+/// ([`WideConv`]) rather than image by image.
+const WIDE_PIXELS: usize = 16;
+
+/// The first layer of the dense part, which runs on the whole batch: the layers from there on
+/// are dense layers, activations, dropout and convolutions of at most [`WIDE_PIXELS`] output
+/// pixels; every pool, and every convolution with more pixels, comes before.
+fn dense_part_start(layers: &[Layer]) -> usize {
+    let (mut h, mut w): (usize, usize) = (28, 28);
+    let mut start = 0;
+    for (i, layer) in layers.iter().enumerate() {
+        match *layer {
+            Layer::Conv { kernel, .. } => {
+                (h, w) = (
+                    (h + 1).saturating_sub(kernel),
+                    (w + 1).saturating_sub(kernel),
+                );
+                if h * w > WIDE_PIXELS {
+                    start = i + 1;
+                }
+            }
+            Layer::MaxPool2x2 => {
+                (h, w) = (h / 2, w / 2);
+                start = i + 1;
+            }
+            Layer::Linear { .. } => (h, w) = (1, 1),
+            Layer::Tanh | Layer::Relu | Layer::Dropout(_) => {}
+        }
+    }
+    start
 }
 
 /// Decides which image layers keep their outputs for the batch (see [`Stage::stored`]) and

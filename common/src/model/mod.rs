@@ -29,6 +29,7 @@ mod pool;
 mod relu;
 mod softmax;
 mod tanh;
+mod wide_conv;
 
 pub use cnn::Cnn;
 pub use conv::{Conv2d, conv2d};

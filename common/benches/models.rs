@@ -4,7 +4,9 @@
 //! multiply-add peak at 1 and 2 threads, which each training rate is set against.
 //!
 //! `cargo bench -p common --bench models [-- MODEL...]` prints a markdown table and writes
-//! `target/bench/models.json`; `scripts/pytorch_models.py` measures the same in PyTorch.
+//! `target/bench/models.json`; `scripts/pytorch_models.py` measures the same in PyTorch. With
+//! `LOCKSTEP_SIMD=avx2` (or `portable`) the kernels run the lesser path on a better CPU and
+//! the report is `models-avx2.json`; `gemm`'s products still choose their own kernels.
 //!
 //! candle sizes its CPU thread pools from `RAYON_NUM_THREADS` once per process, so each
 //! (model, thread count) runs in a child process: this binary again, with [`CHILD_ENV`] naming
@@ -174,9 +176,14 @@ fn run_all() -> Result<()> {
         results,
     };
     print_table(&report);
+    // A run with the kernels capped (`LOCKSTEP_SIMD=avx2`) is reported beside the plain one.
+    let name = match std::env::var_os(common::simd::SIMD_ENV) {
+        Some(_) => format!("models-{}", Isa::current()),
+        None => "models".to_string(),
+    };
     let path = common::bench_report::write(
         env!("CARGO_TARGET_TMPDIR"),
-        "models",
+        &name,
         &serde_json::to_string_pretty(&report)?,
     )?;
     eprintln!(

@@ -506,6 +506,32 @@ pub(super) fn im2col_strided<T: WithDType>(
     });
 }
 
+/// [`im2col_strided`] of f32 through a pointer, for tasks filling disjoint column blocks of
+/// one matrix at once.
+///
+/// # Safety
+///
+/// `cols` must be valid for writes of `patch` rows of `pixels` floats, `stride` apart, that
+/// no one else accesses during the call.
+pub(super) unsafe fn im2col_strided_raw(image: &[f32], g: Geometry, cols: *mut f32, stride: usize) {
+    let image = &image[..g.image_len()];
+    assert!(stride >= g.pixels());
+    match Isa::current() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the ISA is supported; the caller vouches for `cols`.
+        Isa::Avx512 => unsafe { x86::im2col_avx512(image.as_ptr(), g, cols, stride) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::im2col_avx2(image.as_ptr(), g, cols, stride) },
+        _ => for_each_run(g, stride, |src, dst, len| {
+            // SAFETY: the run lies in a row the caller vouches for.
+            unsafe {
+                std::ptr::copy_nonoverlapping(image[src..src + len].as_ptr(), cols.add(dst), len)
+            }
+        }),
+    }
+}
+
 /// The adjoint of [`im2col`]: every input pixel gets the sum of the entries of `cols` that
 /// came from it, added from zero in kernel-position order; `image` is overwritten.
 pub(super) fn col2im<T: WithDType>(cols: &[T], g: Geometry, image: &mut [T]) {

@@ -69,20 +69,27 @@ impl WideConv {
             &mut cols[..self.cols_len(rows)],
             &mut wide[..self.wide_len(rows)],
         );
-        for (b, image) in x[..rows * self.inputs()]
-            .chunks_exact(self.inputs())
-            .enumerate()
-        {
-            conv_op::im2col_strided(image, g, &mut cols[b * pixels..], width);
-        }
+        // Two passes over the same pieces of images: each piece's im2col columns, then each
+        // piece's product (which reads the whole im2col matrix's rows).
+        let starts: Vec<usize> = (0..rows).step_by(IMAGES_PER_PIECE).collect();
+        let parallel = worth_splitting_product(self.work(rows));
+        let cols_dst = SendPtr(cols.as_mut_ptr());
+        for_each_piece(starts.clone(), parallel, |_, first| {
+            for b in first..(first + IMAGES_PER_PIECE).min(rows) {
+                let image = &x[b * self.inputs()..(b + 1) * self.inputs()];
+                // SAFETY: each piece writes its own images' column blocks of `cols`, `patch`
+                // rows of `width` floats.
+                unsafe {
+                    conv_op::im2col_strided_raw(image, g, { cols_dst }.0.add(b * pixels), width)
+                };
+            }
+        });
         cols[patch * width..].fill(1.0);
         for (row, &bias) in wide.chunks_exact_mut(width).zip(bias) {
             row.fill(bias);
         }
         let dst = SendPtr(wide.as_mut_ptr());
         let cols = &*cols;
-        let starts: Vec<usize> = (0..rows).step_by(IMAGES_PER_PIECE).collect();
-        let parallel = worth_splitting_product(self.work(rows));
         for_each_piece(starts, parallel, |_, first| {
             let images = IMAGES_PER_PIECE.min(rows - first);
             // SAFETY: each piece writes its own columns of `wide`, `out` rows of `width`.

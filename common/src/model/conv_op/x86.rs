@@ -65,9 +65,11 @@ pub(super) unsafe fn im2col_avx512(image: *const f32, g: Geometry, cols: *mut f3
 /// AVX2; the buffers as for [`im2col_avx512`].
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn im2col_avx2(image: *const f32, g: Geometry, cols: *mut f32, stride: usize) {
+    // Whole vectors of 8, then one of 4 if it fits, then single floats: masked stores are
+    // slow on some AVX2 CPUs (AMD's before Zen 4 split them into many operations).
     let (k, oh, ow) = (g.k, g.oh(), g.ow());
     let full = ow / 8 * 8;
-    let tail = mask8(ow - full);
+    let quarter = ow - full >= 4;
     for ci in 0..g.c {
         for i in 0..k {
             for j in 0..k {
@@ -82,12 +84,13 @@ pub(super) unsafe fn im2col_avx2(image: *const f32, g: Geometry, cols: *mut f32,
                             _mm256_storeu_ps(dst.add(x), _mm256_loadu_ps(src.add(x)));
                             x += 8;
                         }
-                        if x < ow {
-                            _mm256_maskstore_ps(
-                                dst.add(x),
-                                tail,
-                                _mm256_maskload_ps(src.add(x), tail),
-                            );
+                        if quarter {
+                            _mm_storeu_ps(dst.add(x), _mm_loadu_ps(src.add(x)));
+                            x += 4;
+                        }
+                        while x < ow {
+                            *dst.add(x) = *src.add(x);
+                            x += 1;
                         }
                     }
                 }

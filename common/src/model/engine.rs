@@ -25,15 +25,16 @@ const EVAL_PIECE: usize = 64;
 /// engine keeps every buffer from one step to the next and runs the layers of [`Layer`]:
 ///
 /// - the convolutional part image by image: each task takes a fixed group of
-///   [`GROUP`] images through every convolution, activation and pool (forward, or backward
+///   8 images through every convolution, activation and pool (forward, or backward
 ///   with the group's partial weight gradients), so a thread keeps whole images in its cache
 ///   and the threads meet once per pass; the partial sums are added in group order. Only the
-///   outputs the backward pass reads are kept for the batch ([`Stage::stored`]): a pool keeps
+///   outputs the backward pass reads are kept for the batch: a pool keeps
 ///   the position of each window's maximum, so neither its input nor a tanh before it needs
 ///   keeping, and the layers' gradients never leave the task's scratch;
 /// - the dense part on the whole batch, each product cut into pieces of columns fixed by the
-///   layer's shape ([`Dense`]);
-/// - the loss fused with its gradient ([`loss::softmax_cross_entropy`]).
+///   layer's shape; a convolution with few output pixels (the CNN's last, 3x3) belongs to it
+///   too, as one product over the batch;
+/// - the loss fused with its gradient.
 ///
 /// So, as everywhere in this module, no value depends on the thread count. The network's
 /// candle `forward` is the reference the tests hold the engine to.
@@ -396,8 +397,8 @@ impl Engine {
         Ok((loss_sum, correct))
     }
 
-    /// The logits `(n, 10)` of `images` (`(n, 28 * 28)`), without dropout, in pieces of
-    /// [`EVAL_PIECE`] images spread over the threads.
+    /// The logits `(n, 10)` of `images` (`(n, 28 * 28)`), without dropout, in pieces of 64
+    /// images spread over the threads.
     pub fn logits(&self, params: &[f32], images: &[f32]) -> Result<Vec<f32>> {
         on_pool(|| self.logits_on_pool(params, images))
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// update is its own sequence of operations, without fused multiply-adds and without
 /// reductions, so that every process applying the same update to the same parameters gets
 /// the same bits: on one thread or several (the buffers are cut into chunks of
-/// [`CHUNK`] elements spread over rayon's pool), and with any instruction set (each rule is
+/// 64K elements spread over rayon's pool), and with any instruction set (each rule is
 /// compiled per [`Isa`], and the tests hold every copy to the portable one, bit for bit). A
 /// ring's members, which may run on different CPUs, rely on it.
 #[derive(Debug, Clone)]
@@ -185,7 +185,7 @@ impl Optimizer {
 
 /// Elements per piece of an update: pieces go to rayon's pool when there are several, each is
 /// one call of a rule's loop. 64K floats (256 KB per buffer) make a piece worth a task.
-pub const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// Calls `f` on matching chunks of the parameters, the gradient and the two state buffers
 /// (which are empty when the rule keeps none), in parallel when there is more than one chunk.

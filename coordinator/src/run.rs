@@ -124,7 +124,7 @@ pub async fn run(
     let (board, status) = StatusBoard::new(JobStatus {
         job_id: spec.job_id.clone(),
         model: job.model.name().to_string(),
-        allreduce: match config.allreduce {
+        allreduce: match config.allreduce() {
             AllreduceKind::Ps => "ps",
             AllreduceKind::Ring => "ring",
             AllreduceKind::Nccl => "nccl",
@@ -146,7 +146,7 @@ pub async fn run(
         heartbeat,
         status.clone(),
     )
-    .require_nccl(config.allreduce == AllreduceKind::Nccl);
+    .require_nccl(config.allreduce() == AllreduceKind::Nccl);
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
@@ -243,12 +243,12 @@ pub async fn run(
         pause_timeout: config.pause_timeout(),
         checkpoint_every: config.checkpoint_every,
         progress_every: config.progress_every(),
-        transport: match config.allreduce {
+        transport: match config.allreduce() {
             AllreduceKind::Nccl => Transport::Nccl,
             AllreduceKind::Ps | AllreduceKind::Ring => Transport::Tcp,
         },
     };
-    let averaging = match config.allreduce {
+    let averaging = match config.allreduce() {
         AllreduceKind::Ps => Averaging::ParameterServer(averaging),
         AllreduceKind::Ring | AllreduceKind::Nccl => Averaging::Ring(averaging),
     };

@@ -3,7 +3,9 @@
 #
 #   scripts/bench.sh [PYTHON]     (PYTHON: an interpreter with torch; default python3)
 #
-# 1. single-process training and evaluation images/s per model at 1 and 2 threads;
+# 1. single-process training and evaluation images/s per model at 1 and 2 threads, with the
+#    machine's measured fp32 peak; on a CPU with AVX-512 also with the kernels held to their
+#    AVX2 path (LOCKSTEP_SIMD=avx2), as an AVX2-only CPU would run them;
 # 2. one ring all-reduce of LeNet's 431,080 floats at 2 and 4 ranks, over TCP and through
 #    shared memory, against the loopback bandwidth bound;
 # 3. cluster images/s of LeNet at 1, 2 and 4 workers, parameter server and ring, with the
@@ -12,7 +14,7 @@
 # 4. the same in PyTorch (DDP with gloo on loopback), if PYTHON has torch.
 #
 # Figures go to target/bench/*.json and the tables to target/bench/bench.md. Run it on an idle
-# machine: every figure is a wall-clock rate. Takes about 20 minutes on 2 cores.
+# machine: every figure is a wall-clock rate. Takes about 25 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python3}
@@ -26,6 +28,10 @@ section() {
 
 section "single process: cargo bench -p common --bench models -- softmax mlp lenet cnn"
 cargo bench -q -p common --bench models -- softmax mlp lenet cnn | tee -a "$out"
+if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then
+    section "single process, kernels on their AVX2 path: LOCKSTEP_SIMD=avx2 cargo bench -p common --bench models -- mlp lenet cnn"
+    LOCKSTEP_SIMD=avx2 cargo bench -q -p common --bench models -- mlp lenet cnn | tee -a "$out"
+fi
 
 section "ring all-reduce: cargo bench -p worker --bench allreduce"
 cargo bench -q -p worker --bench allreduce | tee -a "$out"

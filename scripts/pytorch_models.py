@@ -280,6 +280,9 @@ def main():
             results.append(row)
     report = {
         "torch": torch.__version__,
+        # The instruction set PyTorch's own kernels were dispatched to (oneDNN and MKL choose
+        # theirs the same way, at run time).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average": load_average,
@@ -290,7 +293,8 @@ def main():
 
     print(
         f"PyTorch {report['torch']} on the CPU, batch {BATCH}, evaluation in chunks of {EVAL_CHUNK}; "
-        f"{report['cpu']} ({report['cores']} cores available, load average {load_average})"
+        f"{report['cpu']} ({report['cores']} cores available, kernels for {report['cpu_capability']}, "
+        f"load average {load_average})"
     )
     print()
     print("| model | threads | train images/s | eval images/s | ms per training batch | train MFLOP/image | train GFLOP/s |")

@@ -18,5 +18,6 @@ pub mod pickle;
 pub mod replica;
 pub mod seed;
 pub mod sharding;
+pub mod simd;
 
 pub use error::{Error, IdxProblem, Result};

@@ -1,6 +1,7 @@
 //! A model's variables as one flat buffer in a stable order.
 
 use crate::seed::derive_rng;
+use crate::simd::{Isa, multiversion};
 use crate::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -224,8 +225,7 @@ fn to_f32_vec(tensor: &Tensor) -> Result<Vec<f32>> {
 /// Fails with [`Error::NonFinite`] at the first NaN or infinity in `values`, so that a diverged
 /// step is caught before it spreads to every replica.
 pub fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
-    // A pass without an early exit vectorises; the search for the culprit runs only on failure.
-    if values.iter().fold(true, |finite, v| finite & v.is_finite()) {
+    if all_finite(Isa::current(), values) {
         return Ok(());
     }
     match values.iter().position(|v| !v.is_finite()) {
@@ -235,6 +235,14 @@ pub fn check_finite(what: &'static str, values: &[f32]) -> Result<()> {
             index,
             value: values[index],
         }),
+    }
+}
+
+multiversion! {
+    /// Whether every value is finite: one pass without an early exit, which vectorises (the
+    /// search for the culprit runs only on failure).
+    fn all_finite(values: &[f32]) -> bool {
+        values.iter().fold(true, |finite, v| finite & v.is_finite())
     }
 }
 
@@ -346,6 +354,24 @@ mod tests {
             p.load_safetensors(&dir.path().join("absent")),
             Err(Error::Io { .. })
         ));
+    }
+
+    /// Every instruction set agrees on every position of a NaN or an infinity.
+    #[test]
+    fn every_instruction_set_finds_the_same_non_finite_values() {
+        let mut values: Vec<f32> = (0..1000).map(|i| i as f32 - 500.0).collect();
+        for isa in Isa::supported() {
+            assert!(all_finite(isa, &values), "{isa}");
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 15, 16, 999] {
+                let old = std::mem::replace(&mut values[at], bad);
+                for isa in Isa::supported() {
+                    assert!(!all_finite(isa, &values), "{isa}: {bad} at {at}");
+                }
+                values[at] = old;
+            }
+        }
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use crate::Result;
 use crate::dataset::CLASSES;
-use crate::model::{ModelKind, Network};
+use crate::model::{Engine, ModelKind, Network};
 use crate::params::ParamSet;
-use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_core::{CpuStorage, DType, Device, ModuleT, Storage, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 /// A model replica: the network, its variables and the device it computes on.
@@ -12,6 +12,9 @@ use candle_nn::{VarBuilder, VarMap};
 /// A replica keeps no parameters of its own between calls: every call brings the flat buffer to
 /// compute with, so that whoever owns the parameters (the coordinator, or an all-reduce group)
 /// is the only source of truth.
+///
+/// On the CPU every call runs on the [`Engine`], straight from the flat parameters; on other
+/// devices the parameters are loaded into the network's variables and candle computes.
 pub struct Replica {
     kind: ModelKind,
     device: Device,
@@ -19,6 +22,7 @@ pub struct Replica {
     _varmap: VarMap,
     network: Network,
     params: ParamSet,
+    engine: Option<Engine>,
 }
 
 /// What one batch contributes to a training step.
@@ -68,13 +72,27 @@ impl Replica {
         let varmap = VarMap::new();
         let network = Network::build(kind, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
         let params = ParamSet::from_varmap(&varmap);
+        let engine = match device {
+            Device::Cpu => Some(Engine::new(kind, &params.layout())?),
+            _ => None,
+        };
         Ok(Replica {
             kind,
             device: device.clone(),
             _varmap: varmap,
             network,
             params,
+            engine,
         })
+    }
+
+    /// The same replica computing with candle's graph even on the CPU: the reference the
+    /// engine's tests compare with.
+    #[cfg(test)]
+    fn with_candle(kind: ModelKind) -> Replica {
+        let mut replica = Replica::new(kind, &Device::Cpu).unwrap();
+        replica.engine = None;
+        replica
     }
 
     /// The variables' layout, for flat buffers.
@@ -102,6 +120,19 @@ impl Replica {
         labels: &Tensor,
         dropout_seed: u64,
     ) -> Result<BatchGradient> {
+        if let Some(engine) = &mut self.engine {
+            let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let mut gradient = vec![0.0; flat_params.len()];
+            let (loss_sum, correct) = with_f32_slice(images, |images| {
+                engine.gradient(flat_params, images, &labels, dropout_seed, &mut gradient)
+            })??;
+            return Ok(BatchGradient {
+                loss_sum,
+                correct,
+                count: labels.len() as u64,
+                gradient,
+            });
+        }
         self.params.load_flat(flat_params)?;
         let (images, labels) = self.inputs(images, labels)?;
         if labels.dims1()? == 0 {
@@ -134,6 +165,11 @@ impl Replica {
         images: &Tensor,
         labels: &Tensor,
     ) -> Result<EvalSums> {
+        if let Some(engine) = &self.engine {
+            let labels = labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            let logits = with_f32_slice(images, |images| engine.logits(flat_params, images))??;
+            return engine_sums(&logits, &labels);
+        }
         self.params.load_flat(flat_params)?;
         let (images, labels) = self.inputs(images, labels)?;
         if labels.dims1()? == 0 {
@@ -154,6 +190,12 @@ impl Replica {
 
     /// Class probabilities `(b, 10)` for `images`, without dropout.
     pub fn predict(&mut self, flat_params: &[f32], images: &Tensor) -> Result<Tensor> {
+        if let Some(engine) = &self.engine {
+            let n = images.dim(0)?;
+            let probs =
+                with_f32_slice(images, |images| engine.probabilities(flat_params, images))??;
+            return Ok(Tensor::from_vec(probs, (n, CLASSES), &Device::Cpu)?);
+        }
         self.params.load_flat(flat_params)?;
         let images = images.to_device(&self.device)?.to_dtype(DType::F32)?;
         let logits = self.network.forward_t(&images, false)?.detach();
@@ -166,6 +208,53 @@ impl Replica {
         let labels = labels.to_device(&self.device)?.to_dtype(DType::U32)?;
         Ok((images, labels))
     }
+}
+
+/// Calls `f` with the elements of `tensor` as f32, on the CPU: without a copy when it is a
+/// contiguous f32 CPU tensor already.
+fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let tensor = tensor
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let (storage, layout) = tensor.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Ok(f(&values[start..end])),
+        _ => Err(crate::Error::Config(
+            "images are not a contiguous f32 CPU tensor".into(),
+        )),
+    }
+}
+
+/// Evaluation sums from the engine's logits: the loss of each row, and per class the images
+/// and those whose largest logit is their label's.
+fn engine_sums(logits: &[f32], labels: &[u32]) -> Result<EvalSums> {
+    if logits.len() != labels.len() * CLASSES {
+        return Err(crate::Error::Length {
+            what: "labels",
+            expected: logits.len() / CLASSES,
+            actual: labels.len(),
+        });
+    }
+    if let Some(&label) = labels.iter().find(|&&l| l as usize >= CLASSES) {
+        return Err(crate::Error::InvalidSplit(format!(
+            "label {label} is not a digit"
+        )));
+    }
+    let mut eval = EvalSums {
+        count: labels.len() as u64,
+        ..EvalSums::default()
+    };
+    let (loss_sum, _) = crate::model::softmax_cross_entropy(logits, CLASSES, labels, None);
+    eval.loss_sum = loss_sum;
+    for (row, &label) in logits.chunks_exact(CLASSES).zip(labels) {
+        let class = label as usize;
+        let right = crate::model::argmax(row) == class;
+        eval.correct += u64::from(right);
+        eval.class_count[class] += 1;
+        eval.class_correct[class] += u64::from(right);
+    }
+    Ok(eval)
 }
 
 fn sums(logits: &Tensor, mean_loss: &Tensor, labels: &Tensor) -> Result<EvalSums> {
@@ -204,6 +293,105 @@ mod tests {
             images,
             Tensor::from_vec(labels, size, &Device::Cpu).unwrap(),
         )
+    }
+
+    /// Every model on the engine against the same model in candle's graph: the loss, the
+    /// accuracy, every parameter's gradient (to 1e-4 of the largest of its tensor), evaluation
+    /// sums and probabilities. 21 images, so the last group is short; dropout included.
+    #[test]
+    fn the_engine_computes_what_candle_computes() {
+        let (images, labels) = batch(21, 7);
+        for kind in ModelKind::ALL {
+            let mut engine = Replica::new(kind, &Device::Cpu).unwrap();
+            let mut candle = Replica::with_candle(kind);
+            let params = engine.params().init_flat(3);
+            let a = engine.gradient(&params, &images, &labels, 5).unwrap();
+            let b = candle.gradient(&params, &images, &labels, 5).unwrap();
+            assert!(
+                (a.loss_sum - b.loss_sum).abs() < 1e-4 * b.loss_sum,
+                "{kind}: loss"
+            );
+            assert_eq!((a.correct, a.count), (b.correct, b.count), "{kind}");
+            let mut offset = 0;
+            for (name, dims) in engine.params().layout() {
+                let len: usize = dims.iter().product();
+                let (x, y) = (
+                    &a.gradient[offset..offset + len],
+                    &b.gradient[offset..offset + len],
+                );
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(
+                    worst <= 1e-4 * scale,
+                    "{kind} {name}: off by {worst} of {scale}"
+                );
+                offset += len;
+            }
+            let (ea, eb) = (
+                engine.evaluate(&params, &images, &labels).unwrap(),
+                candle.evaluate(&params, &images, &labels).unwrap(),
+            );
+            assert!(
+                (ea.loss_sum - eb.loss_sum).abs() < 1e-4 * eb.loss_sum,
+                "{kind}"
+            );
+            assert_eq!(
+                (ea.correct, ea.class_count, ea.class_correct),
+                (eb.correct, eb.class_count, eb.class_correct)
+            );
+            let (pa, pb) = (
+                engine
+                    .predict(&params, &images)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                candle
+                    .predict(&params, &images)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            assert!(
+                pa.iter().zip(&pb).all(|(p, q)| (p - q).abs() < 1e-5),
+                "{kind}: probabilities"
+            );
+        }
+    }
+
+    /// The engine's gradient and evaluation are the same bits on one thread as on two, at the
+    /// batch sizes that split the work (64 to train, 200 to evaluate).
+    #[test]
+    fn the_engine_is_bit_identical_across_thread_counts() {
+        let (images, labels) = batch(64, 8);
+        let (eval_images, eval_labels) = batch(200, 9);
+        for kind in ModelKind::ALL {
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut replica = Replica::new(kind, &Device::Cpu).unwrap();
+                    let params = replica.params().init_flat(4);
+                    let out = replica.gradient(&params, &images, &labels, 3).unwrap();
+                    let eval = replica
+                        .evaluate(&params, &eval_images, &eval_labels)
+                        .unwrap();
+                    let bits: Vec<u32> = out.gradient.iter().map(|g| g.to_bits()).collect();
+                    (
+                        bits,
+                        out.loss_sum.to_bits(),
+                        eval.loss_sum.to_bits(),
+                        eval.correct,
+                    )
+                })
+            };
+            assert_eq!(run(1), run(2), "{kind}");
+        }
     }
 
     #[test]

@@ -29,9 +29,11 @@ pub struct Config {
     /// How gradients are averaged: `ps`, the coordinator as parameter server; `ring`, the
     /// workers among themselves over a TCP ring (each worker's --ring-listen port must be
     /// reachable from the others); `nccl`, the workers with NCCL on their CUDA devices
-    /// (workers built with the `nccl` feature, run with --device cuda:N).
-    #[arg(long, env = "LOCKSTEP_ALLREDUCE", value_enum, default_value_t = AllreduceKind::Ps)]
-    pub allreduce: AllreduceKind,
+    /// (workers built with the `nccl` feature, run with --device cuda:N) [default: ring when
+    /// spawning workers, which share this host and sum through shared memory; ps with
+    /// --external-workers].
+    #[arg(long, env = "LOCKSTEP_ALLREDUCE", value_enum)]
+    pub allreduce: Option<AllreduceKind>,
 
     /// Network to train: softmax, mlp, mlp-dropout, lenet, cnn.
     #[arg(long, env = "LOCKSTEP_MODEL", default_value = "mlp")]
@@ -211,7 +213,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             workers: 4,
-            allreduce: AllreduceKind::Ps,
+            allreduce: None,
             external_workers: false,
             listen: None,
             model: ModelKind::Mlp,
@@ -324,7 +326,7 @@ impl Config {
                     .into(),
             ));
         }
-        if self.allreduce == AllreduceKind::Nccl && !self.external_workers {
+        if self.allreduce() == AllreduceKind::Nccl && !self.external_workers {
             if !cfg!(feature = "nccl") {
                 return Err(Error::Config(
                     "--allreduce nccl: this coordinator was built without NCCL, and so are the \
@@ -356,6 +358,17 @@ impl Config {
             cert: self.tls_cert.clone()?,
             key: self.tls_key.clone()?,
             client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// How gradients are averaged: as `--allreduce` says, else the ring for spawned workers
+    /// (on one host it beats the parameter server; see the README's benchmarks) and the
+    /// parameter server for workers started elsewhere, which may not reach each other.
+    pub fn allreduce(&self) -> AllreduceKind {
+        self.allreduce.unwrap_or(if self.external_workers {
+            AllreduceKind::Ps
+        } else {
+            AllreduceKind::Ring
         })
     }
 

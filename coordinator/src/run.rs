@@ -152,7 +152,7 @@ pub async fn run(config: Config, listener: TcpListener, stop: Stop) -> Result<Su
     let (board, status) = StatusBoard::new(JobStatus {
         job_id: spec.job_id.clone(),
         model: job.model.name().to_string(),
-        allreduce: match config.allreduce {
+        allreduce: match config.allreduce() {
             AllreduceKind::Ps => "ps",
             AllreduceKind::Ring => "ring",
             AllreduceKind::Nccl => "nccl",
@@ -174,7 +174,7 @@ pub async fn run(config: Config, listener: TcpListener, stop: Stop) -> Result<Su
         heartbeat,
         status.clone(),
     )
-    .require_nccl(config.allreduce == AllreduceKind::Nccl);
+    .require_nccl(config.allreduce() == AllreduceKind::Nccl);
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("listener", e))?;
@@ -276,12 +276,12 @@ pub async fn run(config: Config, listener: TcpListener, stop: Stop) -> Result<Su
         pause_timeout: config.pause_timeout(),
         checkpoint_every: config.checkpoint_every,
         progress_every: config.progress_every(),
-        transport: match config.allreduce {
+        transport: match config.allreduce() {
             AllreduceKind::Nccl => Transport::Nccl,
             AllreduceKind::Ps | AllreduceKind::Ring => Transport::Tcp,
         },
     };
-    let averaging = match config.allreduce {
+    let averaging = match config.allreduce() {
         AllreduceKind::Ps => Averaging::ParameterServer(averaging),
         AllreduceKind::Ring | AllreduceKind::Nccl => Averaging::Ring(averaging),
     };

@@ -1,4 +1,4 @@
-use super::{Conv2d, conv2d, max_pool_2x2, relu::relu};
+use super::{Conv2d, Layer, conv2d, max_pool_2x2, relu::relu};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
@@ -14,6 +14,44 @@ pub struct Cnn {
 }
 
 impl Cnn {
+    /// The layers as the CPU engine runs them: the same network as `forward`.
+    pub const LAYERS: &[Layer] = &[
+        Layer::Conv {
+            name: "conv1",
+            inputs: 1,
+            outputs: 32,
+            kernel: 3,
+        },
+        Layer::MaxPool2x2,
+        Layer::Relu,
+        Layer::Conv {
+            name: "conv2",
+            inputs: 32,
+            outputs: 64,
+            kernel: 3,
+        },
+        Layer::MaxPool2x2,
+        Layer::Relu,
+        Layer::Conv {
+            name: "conv3",
+            inputs: 64,
+            outputs: 64,
+            kernel: 3,
+        },
+        Layer::Relu,
+        Layer::Linear {
+            name: "fc1",
+            inputs: 64 * 3 * 3,
+            outputs: 128,
+        },
+        Layer::Relu,
+        Layer::Linear {
+            name: "fc2",
+            inputs: 128,
+            outputs: 10,
+        },
+    ];
+
     /// Creates (or looks up) the layers under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
         Ok(Cnn {

@@ -32,12 +32,20 @@ impl SeededDropout {
         if !train || self.p == 0.0 {
             return Ok(xs.clone());
         }
-        let scale = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| if unit_f32(rng) < self.p { 0.0 } else { scale })
-            .collect();
+        let mut mask = vec![0.0; xs.elem_count()];
+        fill_mask(self.p, rng, &mut mask);
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs * mask
+    }
+}
+
+/// The next mask of dropout `p` from `rng`, in order: 0 where a unit is dropped, `1 / (1 - p)`
+/// where it is kept. The CPU engine draws its masks here too, so both paths drop the same
+/// units.
+pub(super) fn fill_mask(p: f32, rng: &mut ChaCha8Rng, mask: &mut [f32]) {
+    let scale = 1.0 / (1.0 - p);
+    for m in mask {
+        *m = if unit_f32(rng) < p { 0.0 } else { scale };
     }
 }
 

@@ -1,4 +1,4 @@
-use super::{Conv2d, conv2d, max_pool_2x2, tanh::tanh};
+use super::{Conv2d, Layer, conv2d, max_pool_2x2, tanh::tanh};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
@@ -13,6 +13,37 @@ pub struct Lenet {
 }
 
 impl Lenet {
+    /// The layers as the CPU engine runs them: the same network as `forward`.
+    pub const LAYERS: &[Layer] = &[
+        Layer::Conv {
+            name: "conv1",
+            inputs: 1,
+            outputs: 20,
+            kernel: 5,
+        },
+        Layer::Tanh,
+        Layer::MaxPool2x2,
+        Layer::Conv {
+            name: "conv2",
+            inputs: 20,
+            outputs: 50,
+            kernel: 5,
+        },
+        Layer::Tanh,
+        Layer::MaxPool2x2,
+        Layer::Linear {
+            name: "fc1",
+            inputs: 50 * 4 * 4,
+            outputs: 500,
+        },
+        Layer::Tanh,
+        Layer::Linear {
+            name: "fc2",
+            inputs: 500,
+            outputs: 10,
+        },
+    ];
+
     /// Creates (or looks up) the layers under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
         Ok(Lenet {

@@ -1,3 +1,4 @@
+use super::Layer;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
@@ -10,6 +11,27 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The layers as the CPU engine runs them: the same network as `forward`.
+    pub const LAYERS: &[Layer] = &[
+        Layer::Linear {
+            name: "fc1",
+            inputs: 28 * 28,
+            outputs: 128,
+        },
+        Layer::Relu,
+        Layer::Linear {
+            name: "fc2",
+            inputs: 128,
+            outputs: 64,
+        },
+        Layer::Relu,
+        Layer::Linear {
+            name: "fc3",
+            inputs: 64,
+            outputs: 10,
+        },
+    ];
+
     /// Creates (or looks up) the layers under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
         Ok(Mlp {

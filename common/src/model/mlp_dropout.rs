@@ -1,4 +1,4 @@
-use super::SeededDropout;
+use super::{Layer, SeededDropout};
 use crate::seed::derive_rng;
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
@@ -19,6 +19,29 @@ pub struct MlpDropout {
 }
 
 impl MlpDropout {
+    /// The layers as the CPU engine runs them: the same network as `forward`.
+    pub const LAYERS: &[Layer] = &[
+        Layer::Linear {
+            name: "fc1",
+            inputs: 28 * 28,
+            outputs: 512,
+        },
+        Layer::Relu,
+        Layer::Dropout(0.5),
+        Layer::Linear {
+            name: "fc2",
+            inputs: 512,
+            outputs: 256,
+        },
+        Layer::Relu,
+        Layer::Dropout(0.2),
+        Layer::Linear {
+            name: "fc3",
+            inputs: 256,
+            outputs: 10,
+        },
+    ];
+
     /// Creates (or looks up) the layers under `vb`, with masks drawn from seed 0 until
     /// [`reseed`](Self::reseed) is called.
     pub fn new(vb: VarBuilder) -> Result<Self> {
@@ -39,7 +62,8 @@ impl MlpDropout {
     }
 }
 
-fn dropout_rng(seed: u64) -> ChaCha8Rng {
+/// The stream of dropout masks of the step whose seed is `seed`; the CPU engine draws from it too.
+pub(super) fn dropout_rng(seed: u64) -> ChaCha8Rng {
     derive_rng(seed, "dropout", &[])
 }
 

@@ -22,18 +22,49 @@ pub(super) fn worth_splitting(work: usize) -> bool {
     work >= MIN_PARALLEL_WORK && rayon::current_num_threads() > 1
 }
 
+/// Below this many multiply-adds a matrix product stays on the calling thread: a product of
+/// a million multiply-adds takes about 10 microseconds on one AVX-512 core, what handing
+/// pieces to the pool and waiting for them costs.
+pub(super) const MIN_PARALLEL_PRODUCT: usize = 1 << 20;
+
+/// Whether products of `multiply_adds` in all should be handed to the pool in pieces.
+pub(super) fn worth_splitting_product(multiply_adds: usize) -> bool {
+    multiply_adds >= MIN_PARALLEL_PRODUCT && rayon::current_num_threads() > 1
+}
+
+/// Runs `f` on a thread of the current pool, when it has more than one: a caller outside the
+/// pool then sleeps until `f` is done, instead of running the serial parts of a step beside a
+/// pool thread that spins while it waits for the next parallel part (three busy threads on
+/// two cores).
+pub(super) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() || rayon::current_num_threads() == 1 {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Calls `f(index, item)` for every item, in parallel when `work` (the whole job's, in
 /// element-equivalents) is worth splitting.
-///
-/// On rayon's pool rather than candle's barrier pool (which its elementwise ops use): the
-/// barrier pool waits by spinning, and on a 2-core machine shared with other processes that
-/// made LeNet at 2 threads half as fast as on rayon (600 against 1,200 images/s).
 pub(super) fn for_each_task<I: Send>(
     items: Vec<I>,
     work: usize,
     f: impl Fn(usize, I) + Sync + Send,
 ) {
-    if !worth_splitting(work) {
+    for_each_piece(items, worth_splitting(work), f)
+}
+
+/// Calls `f(index, item)` for every item, on the pool when `parallel`.
+///
+/// On rayon's pool rather than candle's barrier pool (which its elementwise ops use): the
+/// barrier pool waits by spinning, and on a 2-core machine shared with other processes that
+/// made LeNet at 2 threads half as fast as on rayon (600 against 1,200 images/s).
+pub(super) fn for_each_piece<I: Send>(
+    items: Vec<I>,
+    parallel: bool,
+    f: impl Fn(usize, I) + Sync + Send,
+) {
+    if !parallel {
         items
             .into_iter()
             .enumerate()
@@ -99,6 +130,42 @@ pub(super) unsafe fn map_ranges<U: Copy + Send>(
 /// The pieces of an elementwise map: small enough to balance two threads on LeNet's smallest
 /// parallel activation, large enough that each is worth a task.
 const MAP_CHUNK: usize = 16 * 1024;
+
+/// `values` as f32, when `T` is f32: the kernels generic over f32 and f64 take their f32
+/// paths, compiled per instruction set, through this.
+pub(super) fn as_f32<T: 'static>(values: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is f32.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), values.len()) }
+    })
+}
+
+/// `values` as f32, when `T` is f32.
+pub(super) fn as_f32_mut<T: 'static>(values: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is f32.
+        unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), values.len()) }
+    })
+}
+
+/// A vector of f32 as a vector of `T`.
+///
+/// # Safety
+///
+/// `T` must be f32.
+pub(super) unsafe fn cast_vec<T: 'static>(values: Vec<f32>) -> Vec<T> {
+    assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>());
+    let mut values = std::mem::ManuallyDrop::new(values);
+    // SAFETY: `T` is f32, so pointer, length and capacity describe the same allocation.
+    unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast(), values.len(), values.capacity()) }
+}
+
+/// Initialised floats seen as possibly uninitialised, for kernels that write `MaybeUninit`
+/// outputs (they only ever write initialised values).
+pub(super) fn as_uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; the kernels store only initialised values through it.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
 
 /// For the kernels' tests: runs `op` on a random `f32` input of `shape` and its backward
 /// pass against a random probe, in a rayon pool of 1 and of 2 threads, and asserts that the

@@ -1,4 +1,5 @@
-use super::parallel::map_ranges;
+use super::parallel::{as_f32, cast_vec, map_ranges};
+use crate::simd::{Isa, multiversion};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
@@ -93,7 +94,35 @@ fn contiguous<'a, T>(values: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     }
 }
 
+multiversion! {
+    /// `max(x, 0)` of every element of `xs` into `ys`, of the same length.
+    pub(super) fn relu_into(xs: &[f32], ys: &mut [MaybeUninit<f32>]) {
+        assert_eq!(xs.len(), ys.len());
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            // A select, not a branch, so that the loop vectorises.
+            y.write(if x >= 0.0 { x } else { 0.0 });
+        }
+    }
+}
+
+multiversion! {
+    /// The input gradient: `grad` where `x >= 0`, zero elsewhere.
+    pub(super) fn relu_grad_into(grads: &[f32], xs: &[f32], dxs: &mut [MaybeUninit<f32>]) {
+        assert!(grads.len() == dxs.len() && xs.len() == dxs.len());
+        for ((dx, &grad), &x) in dxs.iter_mut().zip(grads).zip(xs) {
+            dx.write(if x >= 0.0 { grad } else { 0.0 });
+        }
+    }
+}
+
 fn forward<T: WithDType>(xs: &[T]) -> Vec<T> {
+    if let Some(xs) = as_f32(xs) {
+        let isa = Isa::current();
+        let write =
+            |range: Range<usize>, ys: &mut [MaybeUninit<f32>]| relu_into(isa, &xs[range], ys);
+        // SAFETY: `relu_into` writes every element; `T` is f32.
+        return unsafe { cast_vec(map_ranges(xs.len(), write)) };
+    }
     let write = |range: Range<usize>, ys: &mut [MaybeUninit<T>]| {
         for (y, &x) in ys.iter_mut().zip(&xs[range]) {
             // A select, not a branch, so that the loop vectorises.
@@ -105,6 +134,14 @@ fn forward<T: WithDType>(xs: &[T]) -> Vec<T> {
 }
 
 fn backward<T: WithDType>(grads: &[T], xs: &[T]) -> Vec<T> {
+    if let (Some(grads), Some(xs)) = (as_f32(grads), as_f32(xs)) {
+        let isa = Isa::current();
+        let write = |range: Range<usize>, dxs: &mut [MaybeUninit<f32>]| {
+            relu_grad_into(isa, &grads[range.clone()], &xs[range], dxs)
+        };
+        // SAFETY: `relu_grad_into` writes every element; `T` is f32.
+        return unsafe { cast_vec(map_ranges(grads.len(), write)) };
+    }
     let write = |range: Range<usize>, dxs: &mut [MaybeUninit<T>]| {
         for ((dx, &grad), &x) in dxs.iter_mut().zip(&grads[range.clone()]).zip(&xs[range]) {
             dx.write(if x >= T::zero() { grad } else { T::zero() });
@@ -169,6 +206,28 @@ mod tests {
             let (ours, reference) = (run(&|xs| relu(xs)), run(&|xs| xs.relu()));
             prop_assert_eq!(ours.0, reference.0, "values");
             prop_assert_eq!(ours.1, reference.1, "gradients");
+        }
+    }
+
+    proptest! {
+        /// Every instruction set the CPU has gives the portable path's bits.
+        #[test]
+        fn every_instruction_set_agrees_with_the_portable_one((values, probe) in values_and_probe()) {
+            let xs: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            let probe: Vec<f32> = probe.iter().map(|&v| v as f32).collect();
+            let run = |isa: Isa| {
+                let mut ys = vec![MaybeUninit::new(f32::NAN); xs.len()];
+                let mut dxs = vec![MaybeUninit::new(f32::NAN); xs.len()];
+                relu_into(isa, &xs, &mut ys);
+                relu_grad_into(isa, &probe, &xs, &mut dxs);
+                // SAFETY: both kernels write every element.
+                let bits = |v: &[MaybeUninit<f32>]| v.iter().map(|x| unsafe { x.assume_init() }.to_bits()).collect::<Vec<_>>();
+                (bits(&ys), bits(&dxs))
+            };
+            let portable = run(Isa::Portable);
+            for isa in Isa::supported() {
+                prop_assert_eq!(&run(isa), &portable, "{}", isa);
+            }
         }
     }
 

@@ -1,3 +1,4 @@
+use super::Layer;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear};
 
@@ -8,6 +9,13 @@ pub struct Softmax {
 }
 
 impl Softmax {
+    /// The layers as the CPU engine runs them: the same network as `forward`.
+    pub const LAYERS: &[Layer] = &[Layer::Linear {
+        name: "fc",
+        inputs: 28 * 28,
+        outputs: 10,
+    }];
+
     /// Creates (or looks up) the layer under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
         Ok(Softmax {

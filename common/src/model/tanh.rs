@@ -1,4 +1,5 @@
 use super::parallel::map_ranges;
+use crate::simd::{Isa, multiversion};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
 use std::mem::MaybeUninit;
@@ -34,8 +35,9 @@ impl CustomOp1 for Tanh {
             bail!("fast-tanh: unsupported dtype {:?}", storage.dtype());
         };
         let xs = contiguous(xs, layout, "fast-tanh")?;
-        // SAFETY: `map` writes every element of its output.
-        let ys = unsafe { map_ranges(xs.len(), |range, ys| map(&xs[range], ys, tanh_f32)) };
+        let isa = Isa::current();
+        // SAFETY: `tanh_into` writes every element of its output.
+        let ys = unsafe { map_ranges(xs.len(), |range, ys| tanh_into(isa, &xs[range], ys)) };
         Ok((CpuStorage::F32(ys), layout.shape().clone()))
     }
 
@@ -75,10 +77,9 @@ impl CustomOp2 for TanhGrad {
         }
         let grad = contiguous(grad, grad_layout, "fast-tanh-grad")?;
         let ys = contiguous(ys, ys_layout, "fast-tanh-grad")?;
+        let isa = Isa::current();
         let write = |range: Range<usize>, dxs: &mut [MaybeUninit<f32>]| {
-            for ((dx, &g), &y) in dxs.iter_mut().zip(&grad[range.clone()]).zip(&ys[range]) {
-                dx.write(g * (1.0 - y * y));
-            }
+            tanh_grad_into(isa, &grad[range.clone()], &ys[range], dxs)
         };
         // SAFETY: the ranges are as long as their chunks, so `write` writes every element.
         let dxs = unsafe { map_ranges(grad.len(), write) };
@@ -93,33 +94,26 @@ fn contiguous<'a>(values: &'a [f32], layout: &Layout, op: &'static str) -> Resul
     }
 }
 
-/// Writes `f` of every element of `xs` to `ys` (of the same length), compiled a second time for
-/// AVX where the CPU has it: the baseline x86-64 target only vectorises four floats at a time.
-/// Both versions do the same operations in the same order (Rust never fuses a multiply and an
-/// add by itself), so they agree to the bit and ranks on different CPUs still compute the same
-/// values.
-fn map(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
-    assert_eq!(xs.len(), ys.len());
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
-        // SAFETY: the CPU supports AVX, checked just above.
-        return unsafe { map_avx(xs, ys, f) };
-    }
-    map_portable(xs, ys, f)
-}
-
-/// A plain loop, which inlines into [`map_avx`] to be compiled for AVX there.
-#[inline(always)]
-fn map_portable(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
-    for (y, &x) in ys.iter_mut().zip(xs) {
-        y.write(f(x));
+multiversion! {
+    /// `tanh` of every element of `xs` into `ys`, of the same length. Every instruction set
+    /// runs the same operations in the same order (see [`crate::simd`]), so all of them give
+    /// the same bits and ranks on different CPUs compute the same values.
+    pub(super) fn tanh_into(xs: &[f32], ys: &mut [MaybeUninit<f32>]) {
+        assert_eq!(xs.len(), ys.len());
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            y.write(tanh_f32(x));
+        }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-fn map_avx(xs: &[f32], ys: &mut [MaybeUninit<f32>], f: impl Fn(f32) -> f32) {
-    map_portable(xs, ys, f)
+multiversion! {
+    /// The input gradient `grad * (1 - y^2)` from the output gradient and the output `y`.
+    pub(super) fn tanh_grad_into(grad: &[f32], ys: &[f32], dxs: &mut [MaybeUninit<f32>]) {
+        assert!(grad.len() == dxs.len() && ys.len() == dxs.len());
+        for ((dx, &g), &y) in dxs.iter_mut().zip(grad).zip(ys) {
+            dx.write(g * (1.0 - y * y));
+        }
+    }
 }
 
 /// Below this magnitude `tanh(x)` is `x` to within `x^3 / 3`, a relative 5.3e-8 (less than an
@@ -152,7 +146,7 @@ const DENOMINATOR: [f32; 4] = [
 /// tanh as the ratio of the two polynomials, in Horner form. No branches and no libm call, so a
 /// loop of it vectorises. NaN stays NaN: `clamp` passes it through and so does the arithmetic.
 #[inline(always)]
-fn tanh_f32(x: f32) -> f32 {
+pub(super) fn tanh_f32(x: f32) -> f32 {
     let c = x.clamp(-CLAMP, CLAMP);
     let c2 = c * c;
     let p = NUMERATOR[1..].iter().fold(NUMERATOR[0], |p, &a| p * c2 + a) * c;
@@ -273,27 +267,43 @@ mod tests {
         assert!(worst.1 < 5e-7, "error {} at {}", worst.1, worst.0);
     }
 
-    #[cfg(target_arch = "x86_64")]
+    /// Every instruction set the CPU has gives the portable path's bits, forward and backward.
     #[test]
-    fn avx_and_portable_versions_agree_to_the_bit() {
-        if !std::arch::is_x86_feature_detected!("avx") {
-            return;
-        }
-        // Odd lengths reach the scalar tail after the vector loop.
-        let xs: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5_000.) * 2.1e-3).collect();
-        let mut avx = vec![MaybeUninit::new(f32::NAN); xs.len()];
-        // SAFETY: the CPU supports AVX, checked above.
-        unsafe { map_avx(&xs, &mut avx, tanh_f32) };
-        let mut portable = vec![MaybeUninit::new(f32::NAN); xs.len()];
-        map_portable(&xs, &mut portable, tanh_f32);
-        // SAFETY: both vectors were initialised with NaN and then overwritten.
+    fn every_instruction_set_agrees_with_the_portable_one_to_the_bit() {
+        // Odd lengths reach the scalar tail after the vector loop; the edges (tiny values, the
+        // clamp, infinities, NaN) are in too.
+        let mut xs: Vec<f32> = (0..10_007).map(|i| (i as f32 - 5_000.) * 2.1e-3).collect();
+        xs.extend([
+            0.,
+            -0.,
+            1e-40,
+            TINY,
+            -CLAMP,
+            9.,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ]);
+        let probe: Vec<f32> = (0..xs.len()).map(|i| (i as f32 * 0.7).sin()).collect();
         let bits = |ys: &[MaybeUninit<f32>]| {
+            // SAFETY: the kernels wrote every element.
             ys.iter()
                 .map(|y| unsafe { y.assume_init() }.to_bits())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(bits(&avx), bits(&portable));
-        assert!(bits(&avx).iter().all(|&b| !f32::from_bits(b).is_nan()));
+        let run = |isa: Isa| {
+            let mut ys = vec![MaybeUninit::new(f32::NAN); xs.len()];
+            tanh_into(isa, &xs, &mut ys);
+            let values = bits(&ys);
+            let ys: Vec<f32> = values.iter().map(|&b| f32::from_bits(b)).collect();
+            let mut dxs = vec![MaybeUninit::new(f32::NAN); xs.len()];
+            tanh_grad_into(isa, &probe, &ys, &mut dxs);
+            (values, bits(&dxs))
+        };
+        let portable = run(Isa::Portable);
+        for isa in Isa::supported() {
+            assert_eq!(run(isa), portable, "{isa}");
+        }
     }
 
     #[test]

@@ -1,16 +1,25 @@
 use super::{OptimizerConfig, OptimizerKind};
+use crate::simd::{Isa, multiversion};
 use crate::{Error, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// An update rule with its running state, applied to flat `f32` buffers.
 ///
 /// The arithmetic follows PyTorch's `torch.optim` (single-tensor code path) operation for
-/// operation, so that a run here and the same run in PyTorch stay close, and it is plain
-/// sequential loops, so that every process applying the same update gets the same bits.
+/// operation, so that a run here and the same run in PyTorch stay close. Each parameter's
+/// update is its own sequence of operations, without fused multiply-adds and without
+/// reductions, so that every process applying the same update to the same parameters gets
+/// the same bits: on one thread or several (the buffers are cut into chunks of
+/// 64K elements spread over rayon's pool), and with any instruction set (each rule is
+/// compiled per [`Isa`], and the tests hold every copy to the portable one, bit for bit). A
+/// ring's members, which may run on different CPUs, rely on it.
 #[derive(Debug, Clone)]
 pub struct Optimizer {
     config: OptimizerConfig,
     state: OptimizerState,
+    /// The instruction set the rules run with: [`Isa::current`], or another for tests.
+    isa: Isa,
 }
 
 /// Everything an [`Optimizer`] carries from one step to the next, for checkpoints.
@@ -40,6 +49,7 @@ impl Optimizer {
                 first_moment: vec![0.0; first],
                 second_moment: vec![0.0; second],
             },
+            isa: Isa::current(),
         }
     }
 
@@ -59,7 +69,11 @@ impl Optimizer {
         };
         check("optimizer first moment", first, state.first_moment.len())?;
         check("optimizer second moment", second, state.second_moment.len())?;
-        Ok(Optimizer { config, state })
+        Ok(Optimizer {
+            config,
+            state,
+            isa: Isa::current(),
+        })
     }
 
     /// The hyper-parameters.
@@ -104,19 +118,22 @@ impl Optimizer {
             weight_decay,
             ..
         } = self.config;
-        let first_step = self.state.step == 0;
-        let buf = &mut self.state.first_moment;
-        for i in 0..params.len() {
-            let mut g = grad[i];
-            if weight_decay != 0.0 {
-                g += weight_decay * params[i];
-            }
-            if momentum != 0.0 {
-                // PyTorch starts the buffer at the first gradient rather than at zero.
-                buf[i] = if first_step { g } else { momentum * buf[i] + g };
-                g = buf[i];
-            }
-            params[i] -= lr * g;
+        let rule = Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            first_step: self.state.step == 0,
+        };
+        let isa = self.isa;
+        if momentum == 0.0 {
+            chunked(params, grad, &mut [], &mut [], |p, g, _, _| {
+                sgd_plain(isa, rule, p, g)
+            });
+        } else {
+            let buf = &mut self.state.first_moment;
+            chunked(params, grad, buf, &mut [], |p, g, m, _| {
+                sgd_momentum(isa, rule, p, g, m)
+            });
         }
     }
 
@@ -132,20 +149,17 @@ impl Optimizer {
         let t = (self.state.step + 1) as i32;
         let bias_correction1 = 1.0 - f64::from(beta1).powi(t);
         let bias_correction2 = 1.0 - f64::from(beta2).powi(t);
-        let step_size = (f64::from(lr) / bias_correction1) as f32;
-        let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
+        let rule = Adam {
+            weight_decay,
+            beta1,
+            beta2,
+            eps,
+            step_size: (f64::from(lr) / bias_correction1) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+        };
+        let isa = self.isa;
         let (m, v) = (&mut self.state.first_moment, &mut self.state.second_moment);
-        for i in 0..params.len() {
-            let mut g = grad[i];
-            if weight_decay != 0.0 {
-                g += weight_decay * params[i];
-            }
-            // `exp_avg.lerp_(grad, 1 - beta1)`.
-            m[i] += (1.0 - beta1) * (g - m[i]);
-            v[i] = v[i] * beta2 + (1.0 - beta2) * g * g;
-            let denom = v[i].sqrt() / bias_correction2_sqrt + eps;
-            params[i] -= step_size * (m[i] / denom);
-        }
+        chunked(params, grad, m, v, |p, g, m, v| adam(isa, rule, p, g, m, v));
     }
 
     fn rmsprop(&mut self, params: &mut [f32], grad: &[f32], lr: f32) {
@@ -155,14 +169,158 @@ impl Optimizer {
             eps,
             ..
         } = self.config;
+        let rule = Rmsprop {
+            lr,
+            weight_decay,
+            alpha,
+            eps,
+        };
+        let isa = self.isa;
         let square_avg = &mut self.state.second_moment;
-        for i in 0..params.len() {
-            let mut g = grad[i];
-            if weight_decay != 0.0 {
-                g += weight_decay * params[i];
+        chunked(params, grad, &mut [], square_avg, |p, g, _, s| {
+            rmsprop(isa, rule, p, g, s)
+        });
+    }
+}
+
+/// Elements per piece of an update: pieces go to rayon's pool when there are several, each is
+/// one call of a rule's loop. 64K floats (256 KB per buffer) make a piece worth a task.
+pub(crate) const CHUNK: usize = 64 * 1024;
+
+/// Calls `f` on matching chunks of the parameters, the gradient and the two state buffers
+/// (which are empty when the rule keeps none), in parallel when there is more than one chunk.
+fn chunked(
+    params: &mut [f32],
+    grad: &[f32],
+    first: &mut [f32],
+    second: &mut [f32],
+    f: impl Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    fn state_chunks(buffer: &mut [f32], count: usize) -> Vec<&mut [f32]> {
+        let mut chunks: Vec<&mut [f32]> = buffer.chunks_mut(CHUNK).collect();
+        chunks.resize_with(count, Default::default);
+        chunks
+    }
+    let count = params.len().div_ceil(CHUNK);
+    let (first, second) = (state_chunks(first, count), state_chunks(second, count));
+    let pieces: Vec<_> = params
+        .chunks_mut(CHUNK)
+        .zip(grad.chunks(CHUNK))
+        .zip(first.into_iter().zip(second))
+        .collect();
+    if pieces.len() > 1 && rayon::current_num_threads() > 1 {
+        pieces
+            .into_par_iter()
+            .for_each(|((p, g), (m, v))| f(p, g, m, v));
+    } else {
+        for ((p, g), (m, v)) in pieces {
+            f(p, g, m, v);
+        }
+    }
+}
+
+/// The scalars of an SGD step.
+#[derive(Debug, Clone, Copy)]
+struct Sgd {
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    /// PyTorch starts the momentum buffer at the first gradient rather than at zero.
+    first_step: bool,
+}
+
+multiversion! {
+    /// SGD without momentum: `p -= lr * (g + weight_decay * p)`.
+    fn sgd_plain(rule: Sgd, params: &mut [f32], grad: &[f32]) {
+        let Sgd { lr, weight_decay, .. } = rule;
+        assert_eq!(params.len(), grad.len());
+        if weight_decay != 0.0 {
+            for (p, &g) in params.iter_mut().zip(grad) {
+                *p -= lr * (g + weight_decay * *p);
             }
-            square_avg[i] = square_avg[i] * alpha + (1.0 - alpha) * g * g;
-            params[i] -= lr * (g / (square_avg[i].sqrt() + eps));
+        } else {
+            for (p, &g) in params.iter_mut().zip(grad) {
+                *p -= lr * g;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// SGD with momentum: `buf = momentum * buf + g` (or `g` at the first step), `p -= lr * buf`.
+    fn sgd_momentum(rule: Sgd, params: &mut [f32], grad: &[f32], buf: &mut [f32]) {
+        let Sgd { lr, momentum, weight_decay, first_step } = rule;
+        assert!(params.len() == grad.len() && buf.len() == grad.len());
+        let items = params.iter_mut().zip(grad).zip(buf.iter_mut());
+        // The four cases as four loops, so that each compiles to one vector loop.
+        match (weight_decay != 0.0, first_step) {
+            (false, false) => items.for_each(|((p, &g), b)| {
+                *b = momentum * *b + g;
+                *p -= lr * *b;
+            }),
+            (false, true) => items.for_each(|((p, &g), b)| {
+                *b = g;
+                *p -= lr * g;
+            }),
+            (true, false) => items.for_each(|((p, &g), b)| {
+                *b = momentum * *b + (g + weight_decay * *p);
+                *p -= lr * *b;
+            }),
+            (true, true) => items.for_each(|((p, &g), b)| {
+                let g = g + weight_decay * *p;
+                *b = g;
+                *p -= lr * g;
+            }),
+        }
+    }
+}
+
+/// The scalars of an Adam step.
+#[derive(Debug, Clone, Copy)]
+struct Adam {
+    weight_decay: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    step_size: f32,
+    bias_correction2_sqrt: f32,
+}
+
+multiversion! {
+    /// One Adam step of a chunk.
+    fn adam(rule: Adam, params: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let Adam { weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt } = rule;
+        assert!(params.len() == grad.len() && m.len() == grad.len() && v.len() == grad.len());
+        let items = params.iter_mut().zip(grad).zip(m.iter_mut().zip(v.iter_mut()));
+        for ((p, &g), (m, v)) in items {
+            let g = if weight_decay != 0.0 { g + weight_decay * *p } else { g };
+            // `exp_avg.lerp_(grad, 1 - beta1)`.
+            *m += (1.0 - beta1) * (g - *m);
+            *v = *v * beta2 + (1.0 - beta2) * g * g;
+            let denom = v.sqrt() / bias_correction2_sqrt + eps;
+            *p -= step_size * (*m / denom);
+        }
+    }
+}
+
+/// The scalars of an RMSprop step.
+#[derive(Debug, Clone, Copy)]
+struct Rmsprop {
+    lr: f32,
+    weight_decay: f32,
+    alpha: f32,
+    eps: f32,
+}
+
+multiversion! {
+    /// One RMSprop step of a chunk.
+    fn rmsprop(rule: Rmsprop, params: &mut [f32], grad: &[f32], square_avg: &mut [f32]) {
+        let Rmsprop { lr, weight_decay, alpha, eps } = rule;
+        assert!(params.len() == grad.len() && square_avg.len() == grad.len());
+        for ((p, &g), s) in params.iter_mut().zip(grad).zip(square_avg.iter_mut()) {
+            let g = if weight_decay != 0.0 { g + weight_decay * *p } else { g };
+            *s = *s * alpha + (1.0 - alpha) * g * g;
+            *p -= lr * (g / (s.sqrt() + eps));
         }
     }
 }
@@ -307,6 +465,133 @@ mod tests {
         }
         let adam_state = Optimizer::new(config(OptimizerKind::Adam), 2).state();
         assert!(Optimizer::from_state(config(OptimizerKind::Rmsprop), adam_state).is_err());
+    }
+
+    /// Random parameters and gradients of a length that ends in a short chunk, with the
+    /// awkward values too: zeros of both signs, tiny and huge magnitudes.
+    fn buffers(len: usize, seed: u64) -> (Vec<f32>, Vec<Vec<f32>>) {
+        use rand_chacha::rand_core::RngCore;
+        let mut rng = crate::seed::derive_rng(seed, "optimizer-test", &[]);
+        let mut draw = |i: usize| match i % 97 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => 1e-30,
+            3 => -3e30,
+            _ => (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 4.0,
+        };
+        let params = (0..len).map(&mut draw).collect();
+        let grads = (0..4).map(|_| (0..len).map(&mut draw).collect()).collect();
+        (params, grads)
+    }
+
+    fn configs() -> Vec<OptimizerConfig> {
+        let mut configs = Vec::new();
+        for kind in OptimizerKind::ALL {
+            for (momentum, weight_decay) in [(0.0, 0.0), (0.9, 0.0), (0.0, 0.01), (0.9, 0.01)] {
+                configs.push(OptimizerConfig {
+                    kind,
+                    momentum,
+                    weight_decay,
+                    ..OptimizerConfig::default()
+                });
+            }
+        }
+        configs
+    }
+
+    /// Parameters and state after four steps with `isa` on a pool of `threads`.
+    fn four_steps(config: OptimizerConfig, isa: Isa, threads: usize) -> (Vec<u32>, Vec<u32>) {
+        let (mut params, grads) = buffers(2 * CHUNK + 37, 1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut opt = Optimizer::new(config, params.len());
+            opt.isa = isa;
+            for grad in &grads {
+                opt.step(&mut params, grad, 0.01).unwrap();
+            }
+            let state = opt.state();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let moments = [state.first_moment, state.second_moment].concat();
+            (bits(&params), bits(&moments))
+        })
+    }
+
+    /// Every rule gives the same bits with every instruction set the CPU has as with the
+    /// portable one, and on two threads as on one: ring members on different CPUs, with any
+    /// core count, must apply the same update.
+    #[test]
+    fn every_instruction_set_and_thread_count_gives_the_same_bits() {
+        for config in configs() {
+            let portable = four_steps(config, Isa::Portable, 1);
+            for isa in Isa::supported() {
+                for threads in [1, 2] {
+                    assert!(
+                        four_steps(config, isa, threads) == portable,
+                        "{config:?} with {isa} on {threads} thread(s)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The chunked, vectorised rules compute what one plain loop in PyTorch's order computes.
+    #[test]
+    fn chunks_compute_the_plain_loop() {
+        let (start, grads) = buffers(CHUNK + 5, 2);
+        for config in configs() {
+            let mut params = start.clone();
+            let mut opt = Optimizer::new(config, params.len());
+            let (mut expected, mut m, mut v) = (
+                start.clone(),
+                vec![0f32; start.len()],
+                vec![0f32; start.len()],
+            );
+            for (t, grad) in grads.iter().enumerate() {
+                opt.step(&mut params, grad, 0.01).unwrap();
+                let lr = 0.01f32;
+                let OptimizerConfig {
+                    momentum,
+                    weight_decay,
+                    beta1,
+                    beta2,
+                    eps,
+                    rms_decay,
+                    ..
+                } = config;
+                let bc1 = 1.0 - f64::from(beta1).powi(t as i32 + 1);
+                let bc2 = 1.0 - f64::from(beta2).powi(t as i32 + 1);
+                for i in 0..expected.len() {
+                    let mut g = grad[i];
+                    if weight_decay != 0.0 {
+                        g += weight_decay * expected[i];
+                    }
+                    match config.kind {
+                        OptimizerKind::Sgd => {
+                            if momentum != 0.0 {
+                                m[i] = if t == 0 { g } else { momentum * m[i] + g };
+                                g = m[i];
+                            }
+                            expected[i] -= lr * g;
+                        }
+                        OptimizerKind::Adam => {
+                            m[i] += (1.0 - beta1) * (g - m[i]);
+                            v[i] = v[i] * beta2 + (1.0 - beta2) * g * g;
+                            let denom = v[i].sqrt() / (bc2.sqrt() as f32) + eps;
+                            expected[i] -= ((f64::from(lr) / bc1) as f32) * (m[i] / denom);
+                        }
+                        OptimizerKind::Rmsprop => {
+                            v[i] = v[i] * rms_decay + (1.0 - rms_decay) * g * g;
+                            expected[i] -= lr * (g / (v[i].sqrt() + eps));
+                        }
+                    }
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&params) == bits(&expected), "{config:?}");
+        }
     }
 
     #[test]

@@ -149,13 +149,6 @@ impl Trainer {
                     .worker_step(*worker, report.count, report.compute_seconds);
             }
         }
-        for (worker, answer) in &gathered.slots {
-            if let Some(answer) = answer {
-                let report = &answer.report;
-                self.board
-                    .worker_step(*worker, report.count, report.compute_seconds);
-            }
-        }
         self.ring.failures = 0;
         self.step_counted();
         Ok(())

@@ -209,11 +209,15 @@ impl StatusBoard {
         }
     }
 
-    /// A worker stopped taking part (`state` is `Evicted` or `Left`).
+    /// A worker stopped taking part (`state` is `Evicted` or `Left`). An evicted worker's
+    /// session closes next: it stays evicted, for the reason it was evicted.
     pub fn departed(&mut self, id: WorkerId, state: WorkerState, reason: &str) {
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
+        if worker.state == WorkerState::Evicted && state == WorkerState::Left {
+            return;
+        }
         worker.state = state;
         worker.reason = reason.to_string();
         self.departed.retain(|&w| w != id);
@@ -315,6 +319,44 @@ mod tests {
                 .workers
                 .iter()
                 .any(|w| w.id == WorkerId(1) && w.reason == "silent")
+        );
+    }
+
+    /// The eviction is what an operator needs to see; the session closing after it is its
+    /// consequence.
+    #[test]
+    fn an_evicted_worker_whose_session_then_closes_stays_evicted_with_the_reason() {
+        let (mut board, rx) = StatusBoard::new(status());
+        board.arrived(WorkerId(4), "127.0.0.1:4".into());
+        board.admitted(WorkerId(4));
+        board.departed(
+            WorkerId(4),
+            WorkerState::Evicted,
+            "bad answer during step 7: loss sum 1.7e308 over 32 images is outside [0, ...]",
+        );
+        board.departed(WorkerId(4), WorkerState::Left, "closed its session");
+        board.publish(&[]);
+        let worker = rx.borrow().workers[0].clone();
+        assert_eq!(worker.state, WorkerState::Evicted);
+        assert!(
+            worker.reason.contains("loss sum 1.7e308"),
+            "{}",
+            worker.reason
+        );
+
+        // A worker that simply left is shown as left.
+        board.arrived(WorkerId(5), String::new());
+        board.departed(WorkerId(5), WorkerState::Left, "closed its session");
+        board.publish(&[]);
+        let left = rx
+            .borrow()
+            .workers
+            .iter()
+            .find(|w| w.id == WorkerId(5))
+            .cloned();
+        assert_eq!(
+            left.map(|w| (w.state, w.reason)),
+            Some((WorkerState::Left, "closed its session".into()))
         );
     }
 }

@@ -60,6 +60,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A record or checkpoint held NaN or infinity, which JSON cannot hold (it would be
+    /// written as `null`); the file was left as it was.
+    #[error("{}: not written: {field} is not a finite number", path.display())]
+    NonFinite { path: PathBuf, field: String },
+
     /// The gRPC server could not start or failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),

@@ -9,6 +9,7 @@ mod config;
 mod console;
 mod error;
 mod event;
+mod finite;
 mod local_workers;
 mod membership;
 mod metrics;

@@ -56,6 +56,7 @@ impl Resume {
     /// the new one, never a mixture.
     pub fn save(&self, path: &Path) -> Result<()> {
         let remaining: Vec<u32> = self.state.progress.remaining.iter().copied().collect();
+        crate::run_dir::check_finite(path, &self.state)?;
         let state = serde_json::to_string(&self.state).expect("resume state serialises");
         let bytes = {
             let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -275,5 +276,23 @@ mod tests {
             error.contains("3 parameters but optimiser state for 4"),
             "{error}"
         );
+    }
+
+    /// The previous checkpoint stays when the new state holds a number JSON cannot: written,
+    /// it would be `null`, and `--resume` would refuse the file.
+    #[test]
+    fn a_state_with_a_non_finite_sum_is_refused_and_the_old_checkpoint_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        sample().save(&path).unwrap();
+        let mut poisoned = sample();
+        poisoned.state.progress.loss_sum = f64::INFINITY;
+        poisoned.state.global_step = 43;
+        let error = poisoned.save(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("progress.loss_sum is not a finite number"),
+            "{error}"
+        );
+        assert_eq!(Resume::load(&path).unwrap().state.global_step, 42);
     }
 }

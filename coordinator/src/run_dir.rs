@@ -87,6 +87,7 @@ impl RunDir {
     /// Appends one epoch to `metrics.jsonl`, flushed so that a reader sees whole lines.
     pub fn record(&mut self, record: &EpochRecord) -> Result<()> {
         let path = self.root.join("metrics.jsonl");
+        check_finite(&path, record)?;
         let mut line = serde_json::to_vec(record).expect("records serialise");
         line.push(b'\n');
         self.metrics
@@ -98,6 +99,7 @@ impl RunDir {
     /// Appends a progress record to `progress.jsonl`, flushed.
     pub fn progress(&mut self, record: &ProgressRecord) -> Result<()> {
         let path = self.root.join(PROGRESS_FILE);
+        check_finite(&path, record)?;
         let mut line = serde_json::to_vec(record).expect("records serialise");
         line.push(b'\n');
         self.progress
@@ -161,8 +163,20 @@ fn progress_up_to(text: &str, global_step: u64) -> String {
         .collect()
 }
 
+/// Refuses a value holding NaN or infinity, which serde_json would write as `null`.
+pub fn check_finite(path: &Path, value: &impl Serialize) -> Result<()> {
+    match crate::finite::non_finite_field(value) {
+        Some(field) => Err(Error::NonFinite {
+            path: path.to_path_buf(),
+            field,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Writes pretty JSON through a temporary file and a rename, so readers never see half a file.
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    check_finite(path, value)?;
     let temporary = path.with_extension("json.tmp");
     let mut text = serde_json::to_string_pretty(value).expect("values serialise");
     text.push('\n');
@@ -225,6 +239,42 @@ mod tests {
         assert_eq!(steps(root.path()), [10, 20]);
         run.progress(&record(25)).unwrap();
         assert_eq!(steps(root.path()), [10, 20, 25]);
+    }
+
+    /// A NaN would be written as `null`, which the plots and `--resume` cannot read: the
+    /// record is refused, naming the field, and the file keeps its whole lines.
+    #[test]
+    fn records_with_non_finite_numbers_are_refused_and_not_written() {
+        let root = tempfile::tempdir().unwrap();
+        let mut run = RunDir::create(root.path(), &JobConfig::default()).unwrap();
+        run.progress(&record(10)).unwrap();
+        let error = run
+            .progress(&ProgressRecord {
+                train_loss: f64::INFINITY,
+                ..record(20)
+            })
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("train_loss is not a finite number"),
+            "{error}"
+        );
+        assert_eq!(steps(root.path()), [10]);
+        let error = run
+            .write_summary(&serde_json::json!({ "ok": 1.0 }))
+            .map(|()| run.write_summary(&[0.5, f64::NAN]))
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("[1] is not a finite number"),
+            "{error}"
+        );
+        let summary = fs::read_to_string(root.path().join("summary.json")).unwrap();
+        assert!(
+            summary.contains("\"ok\"") && !summary.contains("null"),
+            "{summary}"
+        );
     }
 
     #[test]

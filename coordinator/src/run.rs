@@ -103,6 +103,8 @@ pub async fn run(config: Config, listener: TcpListener, stop: Stop) -> Result<Su
     let dataset_digest = dataset.digest();
     let plots_data_dir = data_dir.clone();
     let (train_len, test_len) = (dataset.train.len(), dataset.test.len());
+    // What workers' evaluations are checked against: each range's images per class.
+    let test_labels = dataset.test.labels().to_vec();
     drop(dataset);
     info!(
         dir = %data_dir.display(),
@@ -290,7 +292,7 @@ pub async fn run(config: Config, listener: TcpListener, stop: Stop) -> Result<Su
         spec,
         params,
         averaging,
-        (train_len, test_len),
+        (train_len, test_labels),
         run_dir,
         events_rx,
         stop,

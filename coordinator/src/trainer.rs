@@ -168,7 +168,8 @@ pub struct Trainer {
     params: ParamSet,
     averaging: Averaging,
     train_len: usize,
-    test_len: usize,
+    /// The test set's labels: an evaluated range's images per class are known.
+    test_labels: Vec<u8>,
     run_dir: RunDir,
     events: mpsc::UnboundedReceiver<Event>,
     /// Asked at a step boundary (or in a wait between steps), it ends the loop there.
@@ -202,7 +203,7 @@ impl Trainer {
         spec: JobSpec,
         params: ParamSet,
         averaging: Averaging,
-        (train_len, test_len): (usize, usize),
+        (train_len, test_labels): (usize, Vec<u8>),
         run_dir: RunDir,
         events: mpsc::UnboundedReceiver<Event>,
         stop: Stop,
@@ -233,7 +234,7 @@ impl Trainer {
             params,
             averaging,
             train_len,
-            test_len,
+            test_labels,
             run_dir,
             events,
             stop,
@@ -664,6 +665,7 @@ impl Trainer {
         let ids = self.membership.ids();
         let parts = split_evenly(batch.len(), ids.len());
         let parameters = proto::encode_f32(self.averaging.parameters());
+        let sent = Instant::now();
         for (rank, (&worker, part)) in ids.iter().zip(&parts).enumerate() {
             let command = ComputeGradient {
                 step,
@@ -681,7 +683,9 @@ impl Trainer {
         let gather_started = Instant::now();
         let gathered = self
             .gather(&format!("step {step}"), &ids, |rank, report| match report {
-                Report::Gradient(g) if g.step == step => judge_gradient(g, expected[rank], len),
+                Report::Gradient(g) if g.step == step => {
+                    judge_gradient(g, expected[rank], len, sent.elapsed())
+                }
                 _ => Verdict::Ignore,
             })
             .await?;
@@ -746,7 +750,7 @@ impl Trainer {
     async fn evaluate(&mut self, epoch: u32) -> Result<EvalSums> {
         let parameters = proto::encode_f32(self.averaging.parameters());
         let mut pending: VecDeque<Range<usize>> =
-            split_evenly(self.test_len, self.membership.len().max(1))
+            split_evenly(self.test_labels.len(), self.membership.len().max(1))
                 .into_iter()
                 .filter(|r| !r.is_empty())
                 .collect();
@@ -769,6 +773,10 @@ impl Trainer {
                 }
             }
             let ids: Vec<WorkerId> = round.iter().map(|(w, _)| *w).collect();
+            let labels: Vec<Vec<u8>> = round
+                .iter()
+                .map(|(_, range)| self.test_labels[range.clone()].to_vec())
+                .collect();
             let gathered = self
                 .gather(
                     &format!("evaluation after epoch {epoch}"),
@@ -779,7 +787,7 @@ impl Trainer {
                                 && e.start == round[rank].1.start as u64
                                 && e.end == round[rank].1.end as u64 =>
                         {
-                            judge_eval(&e, round[rank].1.len())
+                            judge_eval(&e, &labels[rank])
                         }
                         _ => Verdict::Ignore,
                     },
@@ -1055,9 +1063,54 @@ fn epoch_plan(job: &JobConfig, epoch: u32, train_len: usize) -> EpochPlan {
     EpochPlan::new(job.seed, u64::from(epoch), train_len, job.global_batch())
 }
 
+/// Largest loss one image can have. Each image's cross-entropy is an f32 that is finite (an
+/// infinite one is divergence, refused as non-finite) and not negative, so a sum over `n`
+/// images lies in `[0, n * f32::MAX]`: generous, yet it keeps every sum the job makes of
+/// such sums finite in f64, and so every number it writes.
+const MAX_IMAGE_LOSS: f64 = f32::MAX as f64;
+
+/// What a worker's reported seconds may exceed the coordinator's wait for its answer by
+/// (worker and coordinator time the same interval on different clocks).
+const SECONDS_SLACK: Duration = Duration::from_secs(1);
+
+/// Why a loss sum over `count` images cannot be right: `Some((problem, non_finite))`.
+fn loss_problem(field: &str, loss_sum: f64, count: u64) -> Option<(String, bool)> {
+    if !loss_sum.is_finite() {
+        return Some((format!("{field} {loss_sum} is not finite"), true));
+    }
+    let most = count as f64 * MAX_IMAGE_LOSS;
+    (!(0.0..=most).contains(&loss_sum)).then(|| {
+        (
+            format!(
+                "{field} {loss_sum:e} over {count} images is outside [0, {most:e}] (each image's \
+                 loss is a finite f32, not negative)"
+            ),
+            false,
+        )
+    })
+}
+
+/// Why reported seconds cannot be right: not finite, negative, or longer than the
+/// coordinator has waited for the answer.
+fn seconds_problem(field: &str, seconds: f64, waited: Duration) -> Option<String> {
+    let most = (waited + SECONDS_SLACK).as_secs_f64();
+    (!(0.0..=most).contains(&seconds)).then(|| {
+        format!(
+            "{field} {seconds:e} is outside [0, {most:.3}] (the answer came {:.3} s after the \
+             request)",
+            waited.as_secs_f64()
+        )
+    })
+}
+
 /// Checks a gradient report against what was asked: the image count, the length, finite
-/// values.
-fn judge_gradient(report: GradientReport, expected: usize, len: usize) -> Verdict<Contribution> {
+/// values, sums and seconds that can be right for an answer `waited` after the request.
+fn judge_gradient(
+    report: GradientReport,
+    expected: usize,
+    len: usize,
+    waited: Duration,
+) -> Verdict<Contribution> {
     let refuse = |problem: String| Verdict::Refuse {
         problem,
         non_finite: false,
@@ -1068,11 +1121,14 @@ fn judge_gradient(report: GradientReport, expected: usize, len: usize) -> Verdic
             report.count
         ));
     }
-    if !report.loss_sum.is_finite() || !report.compute_seconds.is_finite() {
+    if let Some((problem, non_finite)) = loss_problem("loss sum", report.loss_sum, report.count) {
         return Verdict::Refuse {
-            problem: format!("loss sum {} is not finite", report.loss_sum),
-            non_finite: true,
+            problem,
+            non_finite,
         };
+    }
+    if let Some(problem) = seconds_problem("compute_seconds", report.compute_seconds, waited) {
+        return refuse(problem);
     }
     if report.correct > report.count {
         return refuse(format!(
@@ -1100,20 +1156,25 @@ fn judge_gradient(report: GradientReport, expected: usize, len: usize) -> Verdic
         count: report.count,
         loss_sum: report.loss_sum,
         correct: report.correct,
-        compute_seconds: report.compute_seconds.max(0.0),
+        compute_seconds: report.compute_seconds,
         gradient,
     })
 }
 
-/// Checks evaluation sums against the range asked for; per-class counts, when the worker
-/// sends them, must add up to its totals.
-fn judge_eval(report: &EvalReport, expected: usize) -> Verdict<EvalSums> {
+/// Checks evaluation sums against the range asked for, whose `labels` the coordinator knows:
+/// the image count, a loss sum that can be right, and per-class counts, when the worker sends
+/// them, equal to the range's own and adding up to its totals.
+fn judge_eval(report: &EvalReport, labels: &[u8]) -> Verdict<EvalSums> {
     let &EvalReport {
         count,
         loss_sum,
         correct,
         ..
     } = report;
+    let refuse = |problem: String| Verdict::Refuse {
+        problem,
+        non_finite: false,
+    };
     let classes = match (report.class_count.len(), report.class_correct.len()) {
         (0, 0) => None,
         (CLASSES, CLASSES) => {
@@ -1124,41 +1185,55 @@ fn judge_eval(report: &EvalReport, expected: usize) -> Verdict<EvalSums> {
             Some((counts, corrects))
         }
         (n, m) => {
-            return Verdict::Refuse {
-                problem: format!("per-class sums of {n} and {m} classes, the data has {CLASSES}"),
-                non_finite: false,
-            };
+            return refuse(format!(
+                "per-class sums of {n} and {m} classes, the data has {CLASSES}"
+            ));
         }
     };
-    let class_problem = classes.and_then(|(counts, corrects)| {
-        if counts.iter().sum::<u64>() != count || corrects.iter().sum::<u64>() != correct {
-            Some("per-class sums do not add up to the totals".to_string())
-        } else if counts.iter().zip(&corrects).any(|(n, c)| c > n) {
-            Some("a class with more correct images than images".to_string())
-        } else {
-            None
-        }
-    });
-    let problem = if count != expected as u64 {
-        format!("evaluated {count} images, {expected} were assigned")
-    } else if !loss_sum.is_finite() || loss_sum < 0.0 {
-        format!("test loss sum {loss_sum} is not a finite non-negative number")
-    } else if correct > count {
-        format!("{correct} correct out of {count} images")
-    } else if let Some(problem) = class_problem {
-        problem
-    } else {
-        return Verdict::Accept(EvalSums {
-            count,
-            loss_sum,
-            correct,
-            classes,
-        });
-    };
-    Verdict::Refuse {
-        problem,
-        non_finite: false,
+    if count != labels.len() as u64 {
+        return refuse(format!(
+            "evaluated {count} images, {} were assigned",
+            labels.len()
+        ));
     }
+    if let Some((problem, _)) = loss_problem("test loss sum", loss_sum, count) {
+        return refuse(problem);
+    }
+    if correct > count {
+        return refuse(format!("{correct} correct out of {count} images"));
+    }
+    if let Some((counts, corrects)) = classes {
+        let mut truth = [0u64; CLASSES];
+        for &label in labels {
+            truth[usize::from(label)] += 1;
+        }
+        if counts != truth {
+            return refuse(format!(
+                "per-class image counts {counts:?}, the range holds {truth:?}"
+            ));
+        }
+        if let Some(class) = (0..CLASSES).find(|&c| corrects[c] > counts[c]) {
+            return refuse(format!(
+                "class {class} with {} correct out of {} images",
+                corrects[class], counts[class]
+            ));
+        }
+        // Each term is at most the range's length by now, but a sum of client numbers is
+        // added with a check all the same.
+        let sum = corrects.iter().try_fold(0u64, |sum, &c| sum.checked_add(c));
+        if sum != Some(correct) {
+            return refuse(format!(
+                "per-class correct counts add up to {}, the total is {correct}",
+                sum.map_or("more than 2^64".to_string(), |s| s.to_string())
+            ));
+        }
+    }
+    Verdict::Accept(EvalSums {
+        count,
+        loss_sum,
+        correct,
+        classes,
+    })
 }
 
 fn churn_note(record: &EpochRecord) -> String {
@@ -1200,37 +1275,70 @@ mod tests {
         }
     }
 
+    /// An answer that came a second after its request.
+    const WAITED: Duration = Duration::from_secs(1);
+
     #[test]
     fn gradients_that_do_not_fit_the_request_are_refused_with_the_reason() {
         let good = [0.5, -0.25, 1.0];
+        let judge = |report| judge_gradient(report, 4, 3, WAITED);
         assert!(matches!(
-            judge_gradient(report(4, 2, &good), 4, 3),
+            judge(report(4, 2, &good)),
             Verdict::Accept(Contribution { count: 4, .. })
         ));
 
-        let (problem, nan) = refusal(judge_gradient(report(1_000_000, 2, &good), 4, 3));
+        let (problem, nan) = refusal(judge(report(1_000_000, 2, &good)));
         assert!(
             problem.contains("1000000 images, 4 were assigned") && !nan,
             "{problem}"
         );
 
-        let (problem, _) = refusal(judge_gradient(report(4, 5, &good), 4, 3));
+        let (problem, _) = refusal(judge(report(4, 5, &good)));
         assert!(problem.contains("5 correct out of 4"), "{problem}");
 
-        let (problem, _) = refusal(judge_gradient(report(4, 2, &good[..2]), 4, 3));
+        let (problem, _) = refusal(judge(report(4, 2, &good[..2])));
         assert!(problem.contains("2 floats"), "{problem}");
 
-        let (problem, nan) = refusal(judge_gradient(
-            report(4, 2, &[0.0, f32::INFINITY, 0.0]),
-            4,
-            3,
-        ));
+        let (problem, nan) = refusal(judge(report(4, 2, &[0.0, f32::INFINITY, 0.0])));
         assert!(problem.contains("non-finite") && nan, "{problem}");
 
         let mut odd = report(4, 2, &good);
         odd.gradient = bytes::Bytes::from_static(&[1, 2, 3]);
-        let (problem, _) = refusal(judge_gradient(odd, 4, 3));
+        let (problem, _) = refusal(judge(odd));
         assert!(problem.contains("gradient"), "{problem}");
+    }
+
+    /// Finite numbers no worker can compute: summed into the epoch's figures they would
+    /// overflow to infinity and be written as `null`.
+    #[test]
+    fn loss_sums_and_seconds_that_cannot_be_right_are_refused_naming_the_field() {
+        let good = [0.5, -0.25, 1.0];
+        for (loss_sum, compute_seconds, named, nan) in [
+            (1.7e308, 0.01, "loss sum 1.7e308 over 4 images", false),
+            (-0.5, 0.01, "loss sum", false),
+            (f64::INFINITY, 0.01, "not finite", true),
+            (1.5, 1e300, "compute_seconds 1e300", false),
+            (1.5, -1.0, "compute_seconds", false),
+            (1.5, f64::NAN, "compute_seconds", false),
+        ] {
+            let answer = GradientReport {
+                loss_sum,
+                compute_seconds,
+                ..report(4, 2, &good)
+            };
+            let (problem, non_finite) = refusal(judge_gradient(answer, 4, 3, WAITED));
+            assert!(problem.contains(named), "{problem}");
+            assert_eq!(non_finite, nan, "{problem}");
+        }
+        // The largest loss an f32 can hold, for every image, is still a loss.
+        let worst = GradientReport {
+            loss_sum: 4.0 * f64::from(f32::MAX),
+            ..report(4, 2, &good)
+        };
+        assert!(matches!(
+            judge_gradient(worst, 4, 3, WAITED),
+            Verdict::Accept(_)
+        ));
     }
 
     fn eval(count: u64, loss_sum: f64, correct: u64) -> EvalReport {
@@ -1242,10 +1350,13 @@ mod tests {
         }
     }
 
+    /// Test labels of a range of ten images: one of each class.
+    const LABELS: [u8; 10] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+
     #[test]
     fn evaluation_sums_must_fit_the_range() {
         assert!(matches!(
-            judge_eval(&eval(10, 2.0, 9), 10),
+            judge_eval(&eval(10, 2.0, 9), &LABELS),
             Verdict::Accept(EvalSums { classes: None, .. })
         ));
         for (count, loss, correct) in [
@@ -1253,10 +1364,11 @@ mod tests {
             (10, f64::NAN, 9),
             (10, -1.0, 9),
             (10, 2.0, 11),
+            (10, 1.7e308, 9),
         ] {
             assert!(
                 matches!(
-                    judge_eval(&eval(count, loss, correct), 10),
+                    judge_eval(&eval(count, loss, correct), &LABELS),
                     Verdict::Refuse { .. }
                 ),
                 "{count} {loss} {correct}"
@@ -1265,29 +1377,40 @@ mod tests {
     }
 
     #[test]
-    fn per_class_sums_must_add_up_and_an_older_worker_drops_them_for_the_epoch() {
+    fn per_class_sums_must_be_the_ranges_own_and_an_older_worker_drops_them_for_the_epoch() {
         let with_classes = |counts: Vec<u64>, corrects: Vec<u64>| EvalReport {
             class_count: counts,
             class_correct: corrects,
             ..eval(10, 2.0, 9)
         };
         let good = with_classes(vec![1; 10], [vec![0], vec![1; 9]].concat());
-        let Verdict::Accept(first) = judge_eval(&good, 10) else {
+        let Verdict::Accept(first) = judge_eval(&good, &LABELS) else {
             panic!("refused");
         };
         assert_eq!(first.classes.map(|(_, c)| c[0]), Some(0));
+        // Counts that wrap around u64 to the right total, counts that add up but are not the
+        // range's, and correct counts that wrap.
+        let wrapping = [vec![u64::MAX, 3], vec![1; 8]].concat();
         for (bad, named) in [
             (with_classes(vec![1; 9], vec![1; 9]), "9 and 9 classes"),
-            (with_classes(vec![2; 10], vec![1; 10]), "add up"),
             (
-                with_classes(
-                    [vec![0, 2], vec![1; 8]].concat(),
-                    [vec![1, 0], vec![1; 8]].concat(),
-                ),
-                "more correct",
+                with_classes(wrapping.clone(), [vec![0], vec![1; 9]].concat()),
+                "the range holds",
+            ),
+            (
+                with_classes([vec![0, 2], vec![1; 8]].concat(), vec![0; 10]),
+                "the range holds",
+            ),
+            (
+                with_classes(vec![1; 10], [vec![2], vec![1; 9]].concat()),
+                "class 0 with 2 correct out of 1",
+            ),
+            (
+                with_classes(vec![1; 10], vec![1; 10]),
+                "add up to 10, the total is 9",
             ),
         ] {
-            match judge_eval(&bad, 10) {
+            match judge_eval(&bad, &LABELS) {
                 Verdict::Refuse { problem, .. } => assert!(problem.contains(named), "{problem}"),
                 _ => panic!("accepted {bad:?}"),
             }
@@ -1295,7 +1418,7 @@ mod tests {
         let mut total = EvalSums::default();
         total.add(&first);
         assert_eq!(total.classes.map(|(n, _)| n.iter().sum::<u64>()), Some(10));
-        let Verdict::Accept(older) = judge_eval(&eval(10, 2.0, 9), 10) else {
+        let Verdict::Accept(older) = judge_eval(&eval(10, 2.0, 9), &LABELS) else {
             panic!("refused");
         };
         total.add(&older);

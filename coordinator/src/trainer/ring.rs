@@ -12,7 +12,7 @@
 //! - The coordinator's copy of the model is refreshed from a member when it needs one: to
 //!   evaluate, to checkpoint, to set up a new ring.
 
-use super::{Trainer, Verdict};
+use super::{Trainer, Verdict, loss_problem, seconds_problem};
 use crate::{Error, Result, event::Report, membership::Member};
 use common::{ids::WorkerId, optim::OptimizerState, seed::derive_seed, sharding::split_evenly};
 use proto::{
@@ -22,6 +22,7 @@ use proto::{
         coordinator_message::Kind,
     },
 };
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// Ring failures in a row, with no worker lost, after which the job stops: the workers cannot
@@ -81,6 +82,7 @@ impl Trainer {
         let batch = self.progress.take(self.job.global_batch());
         let ids = self.ring.members.clone();
         let parts = split_evenly(batch.len(), ids.len());
+        let sent = Instant::now();
         for (rank, (&worker, part)) in ids.iter().zip(&parts).enumerate() {
             let command = RingStep {
                 step,
@@ -98,7 +100,9 @@ impl Trainer {
         let expected: Vec<usize> = parts.iter().map(|p| p.len()).collect();
         let gathered = self
             .gather(&format!("step {step}"), &ids, |rank, report| match report {
-                Report::Gradient(g) if g.step == step => judge_ring_report(g, expected[rank]),
+                Report::Gradient(g) if g.step == step => {
+                    judge_ring_report(g, expected[rank], sent.elapsed())
+                }
                 _ => Verdict::Ignore,
             })
             .await?;
@@ -369,23 +373,39 @@ impl Trainer {
                 continue;
             }
             let len = self.params.len();
+            // One optimiser step per committed step since the copy, at most.
+            let most_steps = self
+                .averaging
+                .optimizer_state()
+                .step
+                .saturating_add(committed.saturating_sub(self.ring.copy_step));
             let gathered = self
                 .gather(
                     &format!("state at step {committed}"),
                     &[worker],
                     |_, report| match report {
                         Report::State(state) if state.committed_steps == committed => {
-                            judge_state(&state, len)
+                            judge_state(&state, len, most_steps)
                         }
                         _ => Verdict::Ignore,
                     },
                 )
                 .await?;
             if let Some((_, Some((parameters, optimizer)))) = gathered.slots.into_iter().next() {
-                self.averaging.replace(parameters, optimizer)?;
-                self.ring.copy_step = committed;
-                debug!(%worker, step = committed, "model copy refreshed");
-                return Ok(());
+                // Buffers of the wrong length for the optimiser are this worker's fault, not
+                // the job's: the next holder is asked.
+                match self.averaging.replace(parameters, optimizer) {
+                    Ok(()) => {
+                        self.ring.copy_step = committed;
+                        debug!(%worker, step = committed, "model copy refreshed");
+                        return Ok(());
+                    }
+                    Err(e) => self.evict(
+                        worker,
+                        &format!("bad answer during state at step {committed}: {e}"),
+                        false,
+                    ),
+                }
             }
         }
         Err(Error::ModelLost(format!(
@@ -400,9 +420,13 @@ fn ring_address(member: &Member) -> Option<String> {
     member.ring_address.clone()
 }
 
-/// Checks a ring member's step report against what was asked. Its gradient stays on the
-/// workers: the report carries sums only.
-fn judge_ring_report(report: GradientReport, expected: usize) -> Verdict<RingAnswer> {
+/// Checks a ring member's step report against what was asked, `waited` after the request.
+/// Its gradient stays on the workers: the report carries sums only.
+fn judge_ring_report(
+    report: GradientReport,
+    expected: usize,
+    waited: Duration,
+) -> Verdict<RingAnswer> {
     let refuse = |problem: String, non_finite: bool| Verdict::Refuse {
         problem,
         non_finite,
@@ -419,8 +443,22 @@ fn judge_ring_report(report: GradientReport, expected: usize) -> Verdict<RingAns
             false,
         );
     }
-    if !report.loss_sum.is_finite() {
-        return refuse(format!("loss sum {} is not finite", report.loss_sum), true);
+    if let Some((problem, non_finite)) = loss_problem("loss sum", report.loss_sum, report.count) {
+        return refuse(problem, non_finite);
+    }
+    let seconds = [
+        ("compute_seconds", report.compute_seconds),
+        ("allreduce_seconds", report.allreduce_seconds),
+        (
+            "compute_seconds + allreduce_seconds",
+            report.compute_seconds + report.allreduce_seconds,
+        ),
+    ];
+    if let Some(problem) = seconds
+        .iter()
+        .find_map(|&(field, value)| seconds_problem(field, value, waited))
+    {
+        return refuse(problem, false);
     }
     if report.correct > report.count {
         return refuse(
@@ -434,8 +472,13 @@ fn judge_ring_report(report: GradientReport, expected: usize) -> Verdict<RingAns
     Verdict::Accept(RingAnswer { report })
 }
 
-/// Checks a worker's replica: the model's length, finite values.
-fn judge_state(state: &ModelState, len: usize) -> Verdict<(Vec<f32>, OptimizerState)> {
+/// Checks a worker's replica: the model's length, finite values, and no more optimiser steps
+/// than `most_steps`.
+fn judge_state(
+    state: &ModelState,
+    len: usize,
+    most_steps: u64,
+) -> Verdict<(Vec<f32>, OptimizerState)> {
     let refuse = |problem: String| Verdict::Refuse {
         problem,
         non_finite: false,
@@ -450,8 +493,20 @@ fn judge_state(state: &ModelState, len: usize) -> Verdict<(Vec<f32>, OptimizerSt
             tensors.parameters.len()
         ));
     }
-    if let Some(index) = tensors.parameters.iter().position(|p| !p.is_finite()) {
-        return refuse(format!("replica parameter {index} is not finite"));
+    for (what, values) in [
+        ("parameter", &tensors.parameters),
+        ("optimizer first moment", &tensors.first_moment),
+        ("optimizer second moment", &tensors.second_moment),
+    ] {
+        if let Some(index) = values.iter().position(|p| !p.is_finite()) {
+            return refuse(format!("replica {what} {index} is not finite"));
+        }
+    }
+    if tensors.optimizer_step > most_steps {
+        return refuse(format!(
+            "a replica after {} optimiser steps, at most {most_steps} were committed",
+            tensors.optimizer_step
+        ));
     }
     Verdict::Accept((
         tensors.parameters,
@@ -462,4 +517,75 @@ fn judge_state(state: &ModelState, len: usize) -> Verdict<(Vec<f32>, OptimizerSt
             second_moment: tensors.second_moment,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused<T>(verdict: Verdict<T>) -> String {
+        match verdict {
+            Verdict::Refuse { problem, .. } => problem,
+            Verdict::Accept(_) => panic!("accepted"),
+            Verdict::Ignore => panic!("ignored"),
+        }
+    }
+
+    #[test]
+    fn ring_reports_with_sums_or_seconds_that_cannot_be_right_are_refused_by_field() {
+        let waited = Duration::from_secs(2);
+        let report = |loss_sum, compute_seconds, allreduce_seconds| GradientReport {
+            step: 1,
+            count: 32,
+            loss_sum,
+            correct: 3,
+            compute_seconds,
+            allreduce_seconds,
+            ..Default::default()
+        };
+        assert!(matches!(
+            judge_ring_report(report(70.0, 0.5, 0.5), 32, waited),
+            Verdict::Accept(_)
+        ));
+        for (bad, named) in [
+            (report(1.7e308, 0.5, 0.5), "loss sum 1.7e308 over 32 images"),
+            (report(-1.0, 0.5, 0.5), "loss sum"),
+            (report(70.0, 1e308, 0.5), "compute_seconds 1e308"),
+            (report(70.0, 0.5, f64::INFINITY), "allreduce_seconds"),
+            (report(70.0, 0.5, -0.1), "allreduce_seconds"),
+            (
+                report(70.0, 2.0, 2.0),
+                "compute_seconds + allreduce_seconds",
+            ),
+        ] {
+            let problem = refused(judge_ring_report(bad, 32, waited));
+            assert!(problem.contains(named), "{problem}");
+        }
+    }
+
+    #[test]
+    fn replicas_with_non_finite_moments_or_too_many_steps_are_refused() {
+        let state = |moment: f32, optimizer_step| {
+            ModelState::encode(
+                9,
+                &StateTensors {
+                    parameters: vec![0.5; 3],
+                    optimizer_step,
+                    first_moment: vec![0.0, moment, 0.0],
+                    second_moment: Vec::new(),
+                },
+            )
+        };
+        assert!(matches!(
+            judge_state(&state(0.1, 9), 3, 9),
+            Verdict::Accept(_)
+        ));
+        let problem = refused(judge_state(&state(f32::NAN, 9), 3, 9));
+        assert!(
+            problem.contains("first moment 1 is not finite"),
+            "{problem}"
+        );
+        let problem = refused(judge_state(&state(0.1, u64::MAX), 3, 9));
+        assert!(problem.contains("at most 9 were committed"), "{problem}");
+    }
 }

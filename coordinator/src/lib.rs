@@ -10,6 +10,7 @@ mod console;
 mod error;
 mod event;
 mod finite;
+mod limits;
 mod local_workers;
 mod membership;
 mod metrics;

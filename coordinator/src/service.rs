@@ -4,14 +4,15 @@
 
 use crate::{
     event::{Event, Report},
+    limits,
     membership::shutdown_message,
     status::{JobStatus, Phase, WorkerState},
 };
 use common::{dataset::dataset_files, ids::WorkerId};
 use proto::v1::{
-    DatasetChunk, FetchDatasetRequest, JobPhase, JobSpec, RegisterReply, RegisterRequest,
-    StatusReply, StatusRequest, WorkerMessage, coordinator_server::Coordinator,
-    worker_message::Kind,
+    DatasetChunk, FetchDatasetRequest, GradientReport, JobPhase, JobSpec, NcclId, RegisterReply,
+    RegisterRequest, RingReady, StatusReply, StatusRequest, WorkerMessage,
+    coordinator_server::Coordinator, worker_message::Kind,
 };
 use sha2::{Digest, Sha256};
 use std::{
@@ -87,6 +88,9 @@ impl CoordinatorService {
     }
 
     fn check_registration(&self, request: &RegisterRequest) -> Result<(), Status> {
+        // The identity fields first: every later message, and the log line of a refusal,
+        // may show them.
+        check_identity(request)?;
         if request.protocol_version != proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "worker speaks protocol version {}, this coordinator speaks {}",
@@ -113,6 +117,17 @@ impl CoordinatorService {
     }
 }
 
+/// Refuses identity fields that are oversized or hold control characters, naming the field.
+fn check_identity(request: &RegisterRequest) -> Result<(), Status> {
+    limits::check_identity("hostname", &request.hostname, limits::MAX_HOSTNAME_BYTES)
+        .and_then(|()| limits::check_identity("device", &request.device, limits::MAX_DEVICE_BYTES))
+        .and_then(|()| {
+            limits::check_identity("ring_host", &request.ring_host, limits::MAX_RING_HOST_BYTES)
+        })
+        .and_then(|()| limits::check_digest("dataset_digest", &request.dataset_digest))
+        .map_err(Status::invalid_argument)
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(
@@ -122,7 +137,7 @@ impl Coordinator for CoordinatorService {
         let peer = request.remote_addr();
         let request = request.into_inner();
         if let Err(status) = self.check_registration(&request) {
-            warn!(?peer, host = %request.hostname, "registration refused: {}", status.message());
+            warn!(?peer, host = %limits::free_text(&request.hostname), "registration refused: {}", status.message());
             return Err(status);
         }
         let ring_address = ring_address(&request, peer);
@@ -198,39 +213,30 @@ impl Coordinator for CoordinatorService {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(message)) => {
-                        let report = match message.kind {
-                            Some(Kind::Gradient(g)) => {
-                                if drop_report() {
-                                    continue;
-                                }
-                                if let Some(delay) = report_delay() {
-                                    tokio::time::sleep(delay).await;
-                                }
-                                if duplicate_report() {
-                                    let copy = Report::Gradient(g.clone());
-                                    let _ = events.send(Event::Report {
-                                        worker,
-                                        report: copy,
-                                    });
-                                }
-                                Report::Gradient(g)
+                        let report = into_report(message.kind);
+                        if let Report::Gradient(g) = &report {
+                            if drop_report() {
+                                continue;
                             }
-                            Some(Kind::Eval(e)) => Report::Eval(e),
-                            Some(Kind::Failure(f)) => Report::Failure(f.message),
-                            Some(Kind::Heartbeat(_)) => Report::Heartbeat,
-                            Some(Kind::RingReady(ready)) => Report::RingReady(ready),
-                            Some(Kind::NcclId(id)) => Report::NcclId(id),
-                            Some(Kind::State(state)) => Report::State(state),
-                            Some(Kind::Hello(_)) | None => {
-                                Report::Failure("sent an unexpected message kind".into())
+                            if let Some(delay) = report_delay() {
+                                tokio::time::sleep(delay).await;
                             }
-                        };
+                            if duplicate_report() {
+                                let copy = Report::Gradient(g.clone());
+                                let _ = events.send(Event::Report {
+                                    worker,
+                                    report: copy,
+                                });
+                            }
+                        }
                         if events.send(Event::Report { worker, report }).is_err() {
                             return;
                         }
                     }
                     Ok(None) => break "closed its session".to_string(),
-                    Err(status) => break format!("session broke: {}", status.message()),
+                    Err(status) => {
+                        break format!("session broke: {}", limits::free_text(status.message()));
+                    }
                 }
             };
             in_session.lock().expect("poisoned").remove(&worker);
@@ -325,6 +331,32 @@ impl From<&JobStatus> for StatusReply {
     }
 }
 
+/// A worker's message as the training loop sees it, with its free text made safe
+/// ([`limits::free_text`]); the loop judges the rest.
+fn into_report(kind: Option<Kind>) -> Report {
+    match kind {
+        Some(Kind::Gradient(g)) => Report::Gradient(GradientReport {
+            ring_error: limits::free_text(&g.ring_error),
+            problem: limits::free_text(&g.problem),
+            ..g
+        }),
+        Some(Kind::Eval(e)) => Report::Eval(e),
+        Some(Kind::Failure(f)) => Report::Failure(limits::free_text(&f.message)),
+        Some(Kind::Heartbeat(_)) => Report::Heartbeat,
+        Some(Kind::RingReady(ready)) => Report::RingReady(RingReady {
+            error: limits::free_text(&ready.error),
+            transport: limits::free_text(&ready.transport),
+            ..ready
+        }),
+        Some(Kind::NcclId(id)) => Report::NcclId(NcclId {
+            error: limits::free_text(&id.error),
+            ..id
+        }),
+        Some(Kind::State(state)) => Report::State(state),
+        Some(Kind::Hello(_)) | None => Report::Failure("sent an unexpected message kind".into()),
+    }
+}
+
 /// Sends one file in chunks; the last chunk carries the file's SHA-256.
 async fn send_file(
     path: &std::path::Path,
@@ -414,8 +446,10 @@ fn ring_address(request: &RegisterRequest, peer: Option<std::net::SocketAddr>) -
     }
 }
 
-fn short(digest: &str) -> &str {
-    &digest[..digest.len().min(12)]
+/// The start of a digest, for messages. By characters: a digest is checked to be hex before
+/// it is shown, but a byte index into a client's string need not fall on a character.
+fn short(digest: &str) -> String {
+    digest.chars().take(12).collect()
 }
 
 #[cfg(test)]
@@ -426,6 +460,118 @@ mod tests {
         coordinator_server::CoordinatorServer,
     };
     use tokio_stream::wrappers::TcpListenerStream;
+
+    /// Serves `service` on a loopback port; returns a client of it.
+    async fn serve(service: CoordinatorService) -> CoordinatorClient<tonic::transport::Channel> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CoordinatorServer::new(service))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    }
+
+    fn service(events: mpsc::UnboundedSender<Event>) -> CoordinatorService {
+        CoordinatorService::new(
+            JobSpec::default(),
+            PathBuf::new(),
+            events,
+            1,
+            Duration::from_secs(1),
+            watch::channel(JobStatus::default()).1,
+        )
+    }
+
+    fn registration() -> RegisterRequest {
+        RegisterRequest {
+            protocol_version: proto::PROTOCOL_VERSION,
+            hostname: "node-1".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn identity_fields_too_long_or_with_control_characters_are_refused_by_name() {
+        let (events, _loop_side) = mpsc::unbounded_channel();
+        let mut client = serve(service(events)).await;
+        for (request, named) in [
+            (
+                RegisterRequest {
+                    hostname: "h".repeat(limits::MAX_HOSTNAME_BYTES + 1),
+                    ..registration()
+                },
+                "hostname is 256 bytes long; at most 255",
+            ),
+            (
+                RegisterRequest {
+                    hostname: "node\n2026-01-01T00:00:00Z  INFO forged".into(),
+                    ..registration()
+                },
+                "hostname holds the control character",
+            ),
+            (
+                RegisterRequest {
+                    ring_host: "r".repeat(100_000),
+                    ..registration()
+                },
+                "ring_host is 100000 bytes long",
+            ),
+            (
+                RegisterRequest {
+                    device: "cpu\u{1b}[2J".into(),
+                    ..registration()
+                },
+                "device holds",
+            ),
+            (
+                RegisterRequest {
+                    dataset_digest: "\u{e9}".repeat(32),
+                    ..registration()
+                },
+                "dataset_digest must be empty or 64",
+            ),
+        ] {
+            let refused = client.register(request).await.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+            assert!(refused.message().contains(named), "{}", refused.message());
+        }
+        assert!(client.register(registration()).await.is_ok());
+    }
+
+    #[test]
+    fn free_text_in_reports_is_escaped_and_bounded_before_the_loop_sees_it() {
+        let forged = format!("oops\n\u{1b}[2J{}", "x".repeat(20 << 20));
+        let Report::Failure(message) = into_report(Some(Kind::Failure(proto::v1::Failure {
+            message: forged.clone(),
+        }))) else {
+            panic!("not a failure");
+        };
+        assert!(
+            message.starts_with("oops\\u{a}\\u{1b}[2J"),
+            "{}",
+            &message[..40]
+        );
+        assert!(
+            message.len() < 2 * limits::MAX_TEXT_BYTES,
+            "{}",
+            message.len()
+        );
+        let Report::Gradient(g) = into_report(Some(Kind::Gradient(GradientReport {
+            ring_error: forged.clone(),
+            problem: forged,
+            count: 7,
+            ..Default::default()
+        }))) else {
+            panic!("not a gradient");
+        };
+        assert!(g.ring_error.len() < 2 * limits::MAX_TEXT_BYTES && !g.problem.contains('\n'));
+        assert_eq!(g.count, 7);
+    }
 
     /// A worker that arrives after the training loop has ended is told to leave in its
     /// session, instead of seeing the session close and registering again forever.

@@ -147,12 +147,24 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
 
     info!("--- dataset");
     let refused = client
-        .register(request(proto::PROTOCOL_VERSION, "00ff"))
+        .register(request(proto::PROTOCOL_VERSION, &"00".repeat(32)))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert!(
         refused.message().contains("dataset"),
+        "{}",
+        refused.message()
+    );
+
+    info!("--- a dataset digest that is no digest");
+    let refused = client
+        .register(request(proto::PROTOCOL_VERSION, "00ff"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("dataset_digest"),
         "{}",
         refused.message()
     );

@@ -10,19 +10,19 @@ use crate::{
 };
 use common::{dataset::dataset_files, ids::WorkerId};
 use proto::v1::{
-    DatasetChunk, FetchDatasetRequest, GradientReport, JobPhase, JobSpec, NcclId, RegisterReply,
-    RegisterRequest, RingReady, StatusReply, StatusRequest, WorkerMessage,
+    DatasetChunk, FetchDatasetRequest, GradientReport, Hello, JobPhase, JobSpec, NcclId,
+    RegisterReply, RegisterRequest, RingReady, StatusReply, StatusRequest, WorkerMessage,
     coordinator_server::Coordinator, worker_message::Kind,
 };
 use sha2::{Digest, Sha256};
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     path::PathBuf,
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tokio::{
     io::AsyncReadExt,
@@ -38,15 +38,36 @@ use tracing::{info, warn};
 /// Size of the pieces a dataset file is sent in.
 const CHUNK_BYTES: usize = 1 << 20;
 
+/// How long a registration waits for its session. A worker opens it at once; whoever
+/// registers and never does only costs this much.
+const REGISTRATION_EXPIRY: Duration = Duration::from_secs(60);
+
+/// Registrations waiting for their session, at most: beyond, `Register` answers
+/// `RESOURCE_EXHAUSTED`. Each is bounded (see [`crate::limits`]), so together they hold well
+/// under a megabyte.
+pub const MAX_PENDING_REGISTRATIONS: usize = 256;
+
+/// A registration whose session has not opened yet.
+struct Registration {
+    /// Where it registered from, and where its ring listener is reached.
+    address: String,
+    ring_address: Option<String>,
+    /// What its `Hello` must present: only the registrant learnt it.
+    secret: String,
+    at: Instant,
+}
+
 /// The coordinator's gRPC service.
 pub struct CoordinatorService {
     job: JobSpec,
     data_dir: PathBuf,
     events: mpsc::UnboundedSender<Event>,
     next_id: AtomicU64,
-    /// Registered workers: the address they registered from, their ring address.
-    registered: Mutex<HashMap<WorkerId, (String, Option<String>)>>,
-    in_session: Arc<Mutex<HashSet<WorkerId>>>,
+    /// Registrations waiting for their session; taken out when it opens, dropped when they
+    /// expire.
+    registered: Mutex<HashMap<WorkerId, Registration>>,
+    /// [`REGISTRATION_EXPIRY`], shorter in tests.
+    registration_expiry: Duration,
     heartbeat_interval: Duration,
     status: watch::Receiver<JobStatus>,
     /// Whether only workers that can sum with NCCL may join (`--allreduce nccl`).
@@ -72,7 +93,7 @@ impl CoordinatorService {
             events,
             next_id: AtomicU64::new(first_worker_id.max(1)),
             registered: Mutex::default(),
-            in_session: Arc::default(),
+            registration_expiry: REGISTRATION_EXPIRY,
             heartbeat_interval,
             status,
             nccl_required: false,
@@ -83,6 +104,15 @@ impl CoordinatorService {
     pub fn require_nccl(self, required: bool) -> Self {
         CoordinatorService {
             nccl_required: required,
+            ..self
+        }
+    }
+
+    /// Registrations expire after `expiry` instead of [`REGISTRATION_EXPIRY`].
+    #[cfg(test)]
+    fn expiring_after(self, expiry: Duration) -> Self {
+        CoordinatorService {
+            registration_expiry: expiry,
             ..self
         }
     }
@@ -115,6 +145,50 @@ impl CoordinatorService {
         }
         Ok(())
     }
+
+    /// Records a registration under a new id, dropping those that expired first; refused when
+    /// too many are waiting for their session.
+    fn add_registration(&self, registration: Registration) -> Result<WorkerId, Status> {
+        let mut registered = self.registered.lock().expect("poisoned");
+        registered.retain(|_, r| r.at.elapsed() < self.registration_expiry);
+        if registered.len() >= MAX_PENDING_REGISTRATIONS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_PENDING_REGISTRATIONS} registrations are waiting for their session \
+                 already; try again later (a registration expires {:.0} s after it is made)",
+                self.registration_expiry.as_secs_f64()
+            )));
+        }
+        let worker = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        registered.insert(worker, registration);
+        Ok(worker)
+    }
+
+    /// Takes the registration `hello` names, if `hello` proves it is the registrant's. A
+    /// wrong secret leaves the registration to its owner.
+    fn take_registration(&self, hello: &Hello) -> Result<Registration, Status> {
+        let worker = WorkerId(hello.worker_id);
+        let mut registered = self.registered.lock().expect("poisoned");
+        let expired = registered
+            .get(&worker)
+            .is_some_and(|r| r.at.elapsed() >= self.registration_expiry);
+        if expired {
+            registered.remove(&worker);
+        }
+        let Some(registration) = registered.get(&worker) else {
+            return Err(Status::not_found(format!(
+                "worker {worker} has no registration waiting for its session (never made, \
+                 expired after {:.0} s, or its session is open already); call Register first",
+                self.registration_expiry.as_secs_f64()
+            )));
+        };
+        if !same_secret(&registration.secret, &hello.session_secret) {
+            return Err(Status::permission_denied(format!(
+                "the session secret for worker {worker} is wrong: a session is opened with the \
+                 `session_secret` its own Register call returned"
+            )));
+        }
+        Ok(registered.remove(&worker).expect("present"))
+    }
 }
 
 /// Refuses identity fields that are oversized or hold control characters, naming the field.
@@ -126,6 +200,16 @@ fn check_identity(request: &RegisterRequest) -> Result<(), Status> {
         })
         .and_then(|()| limits::check_digest("dataset_digest", &request.dataset_digest))
         .map_err(Status::invalid_argument)
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+fn same_secret(expected: &str, given: &str) -> bool {
+    expected.len() == given.len()
+        && expected
+            .bytes()
+            .zip(given.bytes())
+            .fold(0, |differ, (a, b)| differ | (a ^ b))
+            == 0
 }
 
 #[tonic::async_trait]
@@ -140,18 +224,22 @@ impl Coordinator for CoordinatorService {
             warn!(?peer, host = %limits::free_text(&request.hostname), "registration refused: {}", status.message());
             return Err(status);
         }
-        let ring_address = ring_address(&request, peer);
-        let worker = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let address = peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string());
-        self.registered
-            .lock()
-            .expect("poisoned")
-            .insert(worker, (address, ring_address));
+        let secret = hex::encode(rand::random::<[u8; 16]>());
+        let registration = Registration {
+            address: peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string()),
+            ring_address: ring_address(&request, peer),
+            secret: secret.clone(),
+            at: Instant::now(),
+        };
+        let worker = self.add_registration(registration).inspect_err(|status| {
+            warn!(?peer, "registration refused: {}", status.message());
+        })?;
         info!(%worker, ?peer, host = %request.hostname, pid = request.pid, device = %request.device, "worker registered");
         Ok(Response::new(RegisterReply {
             worker_id: worker.0,
             job: Some(self.job.clone()),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis().max(1) as u64,
+            session_secret: secret,
         }))
     }
 
@@ -162,41 +250,28 @@ impl Coordinator for CoordinatorService {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
-        let worker = match inbound.message().await?.and_then(|m| m.kind) {
-            Some(Kind::Hello(hello)) => WorkerId(hello.worker_id),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a session must be `hello`",
-                ));
-            }
+        let Some(Kind::Hello(hello)) = inbound.message().await?.and_then(|m| m.kind) else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be `hello`",
+            ));
         };
-        let Some((address, ring_address)) = self
-            .registered
-            .lock()
-            .expect("poisoned")
-            .get(&worker)
-            .cloned()
-        else {
-            return Err(Status::not_found(format!(
-                "worker {worker} is not registered; call Register first"
-            )));
-        };
-        if !self.in_session.lock().expect("poisoned").insert(worker) {
-            return Err(Status::already_exists(format!(
-                "worker {worker} already has a session"
-            )));
-        }
+        let worker = WorkerId(hello.worker_id);
+        let Registration {
+            address,
+            ring_address,
+            ..
+        } = self.take_registration(&hello).inspect_err(|status| {
+            warn!(%worker, "session refused: {}", status.message());
+        })?;
         // Small: the loop sends one request per worker and waits for its answer.
         let (outbox, outbound) = mpsc::channel(4);
         let events = self.events.clone();
-        let in_session = Arc::clone(&self.in_session);
         if let Err(SendError(Event::Joined { outbox, .. })) = events.send(Event::Joined {
             worker,
             outbox,
             address,
             ring_address,
         }) {
-            in_session.lock().expect("poisoned").remove(&worker);
             // Stopped for a restart: the worker should find the coordinator that carries the
             // job on, so this is a transient failure, which it retries.
             if self.status.borrow().phase == Phase::Stopped {
@@ -239,7 +314,6 @@ impl Coordinator for CoordinatorService {
                     }
                 }
             };
-            in_session.lock().expect("poisoned").remove(&worker);
             let _ = events.send(Event::Left { worker, reason });
         });
         Ok(Response::new(ReceiverStream::new(outbound)))
@@ -456,7 +530,7 @@ fn short(digest: &str) -> String {
 mod tests {
     use super::*;
     use proto::v1::{
-        Hello, coordinator_client::CoordinatorClient, coordinator_message::Kind as Command,
+        coordinator_client::CoordinatorClient, coordinator_message::Kind as Command,
         coordinator_server::CoordinatorServer,
     };
     use tokio_stream::wrappers::TcpListenerStream;
@@ -492,6 +566,15 @@ mod tests {
             hostname: "node-1".into(),
             device: "cpu".into(),
             ..Default::default()
+        }
+    }
+
+    fn hello(worker_id: u64, secret: &str) -> WorkerMessage {
+        WorkerMessage {
+            kind: Some(Kind::Hello(Hello {
+                worker_id,
+                session_secret: secret.into(),
+            })),
         }
     }
 
@@ -543,6 +626,93 @@ mod tests {
         assert!(client.register(registration()).await.is_ok());
     }
 
+    /// Ids are sequential, so anyone can guess the next one: the session secret keeps it for
+    /// the client that registered.
+    #[tokio::test]
+    async fn a_session_with_the_wrong_secret_is_refused_and_the_owner_still_opens_its_own() {
+        let (events, mut loop_side) = mpsc::unbounded_channel();
+        let mut client = serve(service(events)).await;
+        let reply = client.register(registration()).await.unwrap().into_inner();
+        assert_eq!(reply.session_secret.len(), 32);
+        let other = client.register(registration()).await.unwrap().into_inner();
+        assert_ne!(reply.session_secret, other.session_secret);
+
+        for secret in [
+            "",
+            "0123456789abcdef0123456789abcdef",
+            &other.session_secret,
+        ] {
+            let refused = client
+                .session(tokio_stream::iter([hello(reply.worker_id, secret)]))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+            assert!(
+                refused.message().contains("secret"),
+                "{}",
+                refused.message()
+            );
+        }
+        let _session = client
+            .session(tokio_stream::iter([hello(
+                reply.worker_id,
+                &reply.session_secret,
+            )]))
+            .await
+            .unwrap();
+        match loop_side.recv().await {
+            Some(Event::Joined { worker, .. }) => assert_eq!(worker.0, reply.worker_id),
+            other => panic!("expected the owner's arrival, got {other:?}"),
+        }
+        // The registration is used up: the same secret opens no second session.
+        let refused = client
+            .session(tokio_stream::iter([hello(
+                reply.worker_id,
+                &reply.session_secret,
+            )]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn registrations_without_a_session_are_capped_and_expire() {
+        let (events, _loop_side) = mpsc::unbounded_channel();
+        let expiry = Duration::from_millis(500);
+        let mut client = serve(service(events).expiring_after(expiry)).await;
+        let first = client.register(registration()).await.unwrap().into_inner();
+        for _ in 1..MAX_PENDING_REGISTRATIONS {
+            client.register(registration()).await.unwrap();
+        }
+        let refused = client.register(registration()).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("256 registrations"),
+            "{}",
+            refused.message()
+        );
+
+        tokio::time::sleep(expiry).await;
+        let refused = client
+            .session(tokio_stream::iter([hello(
+                first.worker_id,
+                &first.session_secret,
+            )]))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+        assert!(
+            refused.message().contains("expired"),
+            "{}",
+            refused.message()
+        );
+        assert!(client.register(registration()).await.is_ok());
+    }
+
     #[test]
     fn free_text_in_reports_is_escaped_and_bounded_before_the_loop_sees_it() {
         let forged = format!("oops\n\u{1b}[2J{}", "x".repeat(20 << 20));
@@ -579,35 +749,12 @@ mod tests {
     async fn a_session_opened_after_the_job_ended_is_told_to_leave() {
         let (events, loop_side) = mpsc::unbounded_channel();
         drop(loop_side);
-        let service = CoordinatorService::new(
-            JobSpec::default(),
-            PathBuf::new(),
-            events,
-            1,
-            Duration::from_secs(1),
-            watch::channel(JobStatus::default()).1,
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(CoordinatorServer::new(service))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let reply = client
-            .register(RegisterRequest {
-                protocol_version: proto::PROTOCOL_VERSION,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut client = serve(service(events)).await;
+        let reply = client.register(registration()).await.unwrap().into_inner();
         let hello = WorkerMessage {
             kind: Some(Kind::Hello(Hello {
                 worker_id: reply.worker_id,
+                session_secret: reply.session_secret,
             })),
         };
         let mut session = client

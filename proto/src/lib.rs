@@ -15,8 +15,9 @@ pub mod v1 {
 pub use codec::{CodecError, decode_f32, decode_u32, encode_f32, encode_u32};
 pub use model_state::StateTensors;
 
-/// Compatible revision of `lockstep.v1`; coordinator and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Compatible revision of `lockstep.v1`; coordinator and worker must agree exactly. 3: a
+/// session is opened with the registration's `session_secret`.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest message either side accepts: a chunked dataset file or the largest model's
 /// parameters (mlp-dropout, 2.1 MB) fit with room to spare.

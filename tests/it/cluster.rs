@@ -183,7 +183,10 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
 
     info!("--- session of an unregistered worker");
     let hello = WorkerMessage {
-        kind: Some(Kind::Hello(proto::v1::Hello { worker_id: 12345 })),
+        kind: Some(Kind::Hello(proto::v1::Hello {
+            worker_id: 12345,
+            session_secret: String::new(),
+        })),
     };
     let refused = client
         .session(tokio_stream::iter([hello]))

@@ -491,6 +491,7 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
     outbox
         .send(message(Kind::Hello(Hello {
             worker_id: reply.worker_id,
+            session_secret: reply.session_secret.clone(),
         })))
         .await?;
     let beats = outbox.clone();
@@ -686,7 +687,10 @@ fn clients_without_the_join_token_are_unauthenticated_and_training_is_unaffected
         let mut wrong = CoordinatorClient::with_interceptor(channel.clone(), wrong);
         let mut anonymous = CoordinatorClient::new(channel);
         let hello = WorkerMessage {
-            kind: Some(Kind::Hello(Hello { worker_id: 1 })),
+            kind: Some(Kind::Hello(Hello {
+                worker_id: 1,
+                session_secret: String::new(),
+            })),
         };
         anyhow::Ok([
             wrong.register(request()).await.map(|_| ()),

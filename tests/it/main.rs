@@ -7,6 +7,7 @@ mod deploy;
 mod end_to_end;
 mod faults;
 mod fetch;
+mod hostile;
 mod kubernetes;
 mod plots;
 mod predict;

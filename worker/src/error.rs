@@ -19,6 +19,11 @@ pub enum Error {
     #[error("the job is full: {0}")]
     JobFull(String),
 
+    /// The coordinator has too many registrations waiting for their session (someone may be
+    /// flooding it); a later attempt may get in.
+    #[error("the coordinator is busy: {0}")]
+    Busy(String),
+
     /// The coordinator could not be reached in time.
     #[error("cannot reach the coordinator at {url}: {reason}")]
     Unreachable { url: String, reason: String },
@@ -73,6 +78,7 @@ impl Error {
                 | Error::CoordinatorLost(_)
                 | Error::Evicted(_)
                 | Error::JobFull(_)
+                | Error::Busy(_)
         )
     }
 
@@ -98,6 +104,7 @@ impl From<tonic::Status> for Error {
             | Code::Cancelled
             | Code::Aborted
             | Code::Internal => Error::CoordinatorLost(text),
+            Code::ResourceExhausted => Error::Busy(text),
             _ => Error::Refused(text),
         }
     }

@@ -165,6 +165,7 @@ async fn serve_job(
             .map_err(|e| Error::BadRequest(format!("the job's settings do not parse: {e}")))?;
         let mut session = Session {
             worker,
+            secret: reply.session_secret,
             heartbeat,
             gradients: &mut gradients,
             fail_after: config.fail_after_steps,
@@ -216,6 +217,8 @@ const IDLE_BEAT: Duration = Duration::from_secs(1);
 /// One registration's session.
 struct Session<'a> {
     worker: WorkerId,
+    /// What the registration returned, to prove the session is this registration's.
+    secret: String,
     heartbeat: Duration,
     /// Gradients computed by this process, across sessions.
     gradients: &'a mut u64,
@@ -237,6 +240,7 @@ impl Session<'_> {
         outbox
             .send(message(Kind::Hello(Hello {
                 worker_id: self.worker.0,
+                session_secret: self.secret.clone(),
             })))
             .await
             .expect("the channel is open");

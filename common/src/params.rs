@@ -246,6 +246,31 @@ multiversion! {
     }
 }
 
+/// The L2 norm of `values`, squares summed in f64 in eight fixed lanes: the same bits on
+/// every instruction-set path, so that ring members judging one summed gradient agree.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    sum_of_squares(Isa::current(), values).sqrt()
+}
+
+multiversion! {
+    /// Sum of squares in f64, lane `i` taking every eighth value from `i`, then the lanes in
+    /// order; without fused multiply-adds, so that every path rounds alike.
+    fn sum_of_squares(values: &[f32]) -> f64 {
+        let mut lanes = [0f64; 8];
+        let chunks = values.chunks_exact(8);
+        let rest = chunks.remainder();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += f64::from(v) * f64::from(v);
+            }
+        }
+        for (lane, &v) in lanes.iter_mut().zip(rest) {
+            *lane += f64::from(v) * f64::from(v);
+        }
+        lanes.iter().sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +285,28 @@ mod tests {
         )
         .unwrap();
         ParamSet::from_varmap(&varmap)
+    }
+
+    #[test]
+    fn l2_norm_is_exact_where_it_can_be_and_alike_on_every_path() {
+        assert_eq!(l2_norm(&[3.0, 4.0]), 5.0);
+        assert_eq!(l2_norm(&[]), 0.0);
+        assert_eq!(l2_norm(&[f32::MAX; 2]), f64::from(f32::MAX) * 2f64.sqrt());
+        let values: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 1e-3).collect();
+        let plain = values
+            .iter()
+            .map(|&v| f64::from(v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!((l2_norm(&values) - plain).abs() <= plain * 1e-12);
+        let portable = sum_of_squares(Isa::Portable, &values);
+        for isa in Isa::supported() {
+            assert_eq!(
+                sum_of_squares(isa, &values).to_bits(),
+                portable.to_bits(),
+                "{isa:?}"
+            );
+        }
     }
 
     #[test]

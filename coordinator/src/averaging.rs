@@ -19,8 +19,9 @@ pub struct Contribution {
     pub loss_sum: f64,
     pub correct: u64,
     pub compute_seconds: f64,
-    /// Gradient of the mean loss over those images.
+    /// Gradient of the mean loss over those images, and its L2 norm.
     pub gradient: Vec<f32>,
+    pub norm: f64,
 }
 
 /// The ways gradients can be averaged.

@@ -66,6 +66,15 @@ pub struct EpochRecord {
     /// Workers admitted during the epoch (the initial members are not listed).
     #[serde(default)]
     pub workers_joined: Vec<JoinRecord>,
+    /// Gradients refused before averaging, each with its worker, step and reason (the
+    /// worker is evicted too, and listed in `workers_lost`).
+    #[serde(default)]
+    pub gradients_refused: Vec<Departure>,
+    /// The largest accepted gradient norm of the epoch over its step's reference: how near
+    /// honest members came to the refusal threshold (`OUTLIER_FACTOR`, 8). `null` when no
+    /// step had a reference (one worker, first steps).
+    #[serde(default)]
+    pub gradient_spread: Option<f64>,
 }
 
 /// Mean wall time of a step and its parts, in seconds: `seconds` = `compute` + `comm` +

@@ -33,6 +33,12 @@ pub struct EpochProgress {
     /// Workers lost and admitted during the epoch.
     pub lost: Vec<Departure>,
     pub joined: Vec<JoinRecord>,
+    /// Gradients refused by the screen (see `screening`), and the largest accepted gradient
+    /// norm over its step's reference.
+    #[serde(default)]
+    pub refused: Vec<Departure>,
+    #[serde(default)]
+    pub spread: Option<f64>,
 }
 
 impl EpochProgress {

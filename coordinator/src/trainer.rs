@@ -17,13 +17,14 @@ use crate::{
     progress::EpochProgress,
     resume::{Resume, ResumeState},
     run_dir::{CheckpointMeta, RunDir},
+    screening::{Norm, Screen},
     status::{Phase, StatusBoard, WorkerState},
 };
 use common::{
     dataset::CLASSES,
     ids::WorkerId,
     job::JobConfig,
-    params::{ParamSet, check_finite},
+    params::{ParamSet, check_finite, l2_norm},
     seed::derive_seed,
     sharding::{EpochPlan, split_evenly},
 };
@@ -192,6 +193,8 @@ pub struct Trainer {
     mark: ProgressMark,
     /// Whether the job carries on from a checkpoint (its workers come back one by one).
     resumed: bool,
+    /// Judges each step's gradients against each other before they are used.
+    screen: Screen,
 }
 
 impl Trainer {
@@ -251,6 +254,7 @@ impl Trainer {
             ring: ring::RingState::new(global_step),
             board,
             mark: ProgressMark::default(),
+            screen: Screen::default(),
         }
     }
 
@@ -554,6 +558,8 @@ impl Trainer {
             samples_requeued: p.requeued,
             workers_lost: p.lost.clone(),
             workers_joined: p.joined.clone(),
+            gradients_refused: p.refused.clone(),
+            gradient_spread: p.spread,
         }
     }
 
@@ -699,10 +705,30 @@ impl Trainer {
         let mut contributions = Vec::new();
         for ((worker, answer), part) in gathered.slots.into_iter().zip(&parts) {
             match answer {
-                Some(contribution) => contributions.push((worker, contribution)),
+                Some(contribution) => contributions.push((worker, contribution, part)),
                 None => lost_samples.extend_from_slice(&batch[part.clone()]),
             }
         }
+        let norms: Vec<Norm> = contributions
+            .iter()
+            .map(|(worker, c, _)| Norm {
+                worker: *worker,
+                norm: c.norm,
+                count: c.count,
+            })
+            .collect();
+        let refused = self.screen_step(step, &norms)?;
+        let contributions: Vec<(WorkerId, Contribution)> = contributions
+            .into_iter()
+            .filter_map(|(worker, c, part)| {
+                if refused.contains(&worker) {
+                    lost_samples.extend_from_slice(&batch[part.clone()]);
+                    None
+                } else {
+                    Some((worker, c))
+                }
+            })
+            .collect();
         if !lost_samples.is_empty() {
             info!(
                 step,
@@ -732,6 +758,42 @@ impl Trainer {
         self.averaging.apply(&contributions, lr)?;
         self.step_counted();
         Ok(())
+    }
+
+    /// Judges a step's gradient norms (see [`crate::screening`]): the refused members are
+    /// evicted and recorded, and returned. When every member with images is refused, no
+    /// single one explains it: the model diverged.
+    fn screen_step(&mut self, step: u64, norms: &[Norm]) -> Result<Vec<WorkerId>> {
+        let screened = self.screen.judge(norms);
+        if let Some(spread) = screened.spread {
+            self.progress.spread = Some(self.progress.spread.map_or(spread, |s| s.max(spread)));
+        }
+        let judged = norms.iter().filter(|n| n.count > 0).count();
+        if judged > 0 && screened.refused.len() == judged {
+            let problem = screened
+                .refused
+                .iter()
+                .map(|r| format!("{}: {}", r.worker, r.reason))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(Error::Diverged { step, problem });
+        }
+        let mut refused = Vec::with_capacity(screened.refused.len());
+        for refusal in screened.refused {
+            warn!(worker = %refusal.worker, step, "gradient refused: {}", refusal.reason);
+            self.progress.refused.push(Departure {
+                worker: refusal.worker.to_string(),
+                step,
+                reason: refusal.reason.clone(),
+            });
+            self.evict(
+                refusal.worker,
+                &format!("gradient refused at step {step}: {}", refusal.reason),
+                false,
+            );
+            refused.push(refusal.worker);
+        }
+        Ok(refused)
     }
 
     /// Moves on to the next step once this one's update is in.
@@ -1157,6 +1219,7 @@ fn judge_gradient(
         loss_sum: report.loss_sum,
         correct: report.correct,
         compute_seconds: report.compute_seconds,
+        norm: l2_norm(&gradient),
         gradient,
     })
 }

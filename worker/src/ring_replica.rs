@@ -17,6 +17,7 @@ use candle_core::Device;
 use common::{
     ids::Rank,
     optim::{Optimizer, OptimizerConfig, OptimizerState},
+    params::l2_norm,
     replica::BatchGradient,
 };
 use proto::{
@@ -262,6 +263,7 @@ impl RingReplica {
         if gradient.is_empty() {
             gradient = vec![0.0; len];
         }
+        let gradient_norm = l2_norm(&gradient);
         let share = count as f32 / request.global_count.max(1) as f32;
         gradient.iter_mut().for_each(|g| *g *= share);
         let compute_seconds = started.elapsed().as_secs_f64();
@@ -276,6 +278,8 @@ impl RingReplica {
             ring_error: String::new(),
             non_finite: false,
             problem: String::new(),
+            gradient_norm,
+            sum_norm: 0.0,
         };
         if let Some(index) = gradient.iter().position(|g| !g.is_finite()) {
             report.non_finite = true;
@@ -292,6 +296,7 @@ impl RingReplica {
         report.allreduce_seconds = reduce_started.elapsed().as_secs_f64();
         match outcome {
             Ok(_) => {
+                report.sum_norm = l2_norm(&gradient);
                 if !report.non_finite && gradient.iter().all(|g| g.is_finite()) {
                     self.pending = Some(Pending {
                         step: request.step,

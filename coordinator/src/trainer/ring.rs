@@ -13,7 +13,7 @@
 //!   evaluate, to checkpoint, to set up a new ring.
 
 use super::{Trainer, Verdict, loss_problem, seconds_problem};
-use crate::{Error, Result, event::Report, membership::Member};
+use crate::{Error, Result, event::Report, membership::Member, screening::Norm};
 use common::{ids::WorkerId, optim::OptimizerState, seed::derive_seed, sharding::split_evenly};
 use proto::{
     StateTensors,
@@ -28,6 +28,9 @@ use tracing::{debug, info, warn};
 /// Ring failures in a row, with no worker lost, after which the job stops: the workers cannot
 /// reach each other (a firewall, a wrong --ring-host), and retrying will not change that.
 const MAX_RING_FAILURES: u32 = 5;
+
+/// Ring steps in a row whose reports do not add up, after which the job stops.
+const MAX_UNEXPLAINED_STEPS: u32 = 3;
 
 /// The bytes of an NCCL unique id (`ncclUniqueId`).
 const NCCL_ID_BYTES: usize = 128;
@@ -53,6 +56,8 @@ pub(super) struct RingState {
     copy_step: u64,
     /// Failures since the last step that counted.
     failures: u32,
+    /// Steps dropped in a row because their reports did not add up.
+    unexplained: u32,
 }
 
 impl RingState {
@@ -131,6 +136,17 @@ impl Trainer {
             );
             return self.ring_failed(step, answers.len() == ids.len(), &ring_errors);
         }
+        if !self.screen_ring_step(step, &gathered.slots, batch.len() as u64)? {
+            self.ring.intact = false;
+            self.progress.requeue(&batch);
+            info!(
+                step,
+                samples = batch.len(),
+                "the ring step was refused; its samples go back to the epoch"
+            );
+            return Ok(());
+        }
+        let answers: Vec<&RingAnswer> = gathered.slots.iter().flat_map(|(_, a)| a).collect();
         let p = &mut self.progress;
         p.compute_seconds += answers
             .iter()
@@ -154,8 +170,78 @@ impl Trainer {
             }
         }
         self.ring.failures = 0;
+        self.ring.unexplained = 0;
         self.step_counted();
         Ok(())
+    }
+
+    /// Judges a ring step's reports before the step is committed: each member's gradient
+    /// norm against the others' (see [`crate::screening`]), and the summed gradient against
+    /// its parts. False when the step must not be committed: refused members are evicted,
+    /// and the members drop the update they hold.
+    ///
+    /// Every member holds the same summed gradient, whose norm cannot exceed the members'
+    /// norms weighted by their shares (the triangle inequality). A sum larger than its parts,
+    /// or members disagreeing on it, means a member's report hides what it sent; which one
+    /// cannot be told from here, so the step is dropped, and after
+    /// [`MAX_UNEXPLAINED_STEPS`] in a row the job stops rather than train on it.
+    fn screen_ring_step(
+        &mut self,
+        step: u64,
+        slots: &[(WorkerId, Option<RingAnswer>)],
+        global_count: u64,
+    ) -> Result<bool> {
+        let reports: Vec<(WorkerId, &GradientReport)> = slots
+            .iter()
+            .filter_map(|(worker, answer)| Some((*worker, &answer.as_ref()?.report)))
+            .collect();
+        let norms: Vec<Norm> = reports
+            .iter()
+            .map(|(worker, report)| Norm {
+                worker: *worker,
+                norm: report.gradient_norm,
+                count: report.count,
+            })
+            .collect();
+        if !self.screen_step(step, &norms)?.is_empty() {
+            return Ok(false);
+        }
+        let parts: f64 = reports
+            .iter()
+            .map(|(_, r)| r.gradient_norm * r.count as f64 / global_count.max(1) as f64)
+            .sum();
+        let sum_norm = reports.first().map_or(0.0, |(_, r)| r.sum_norm);
+        let problem = if reports
+            .iter()
+            .any(|(_, r)| r.sum_norm.to_bits() != sum_norm.to_bits())
+        {
+            Some(format!(
+                "the members disagree on the summed gradient's norm ({})",
+                reports
+                    .iter()
+                    .map(|(worker, r)| format!("{worker}: {:.6e}", r.sum_norm))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        } else if !(sum_norm <= parts * (1.0 + 1e-3) + 1e-30) {
+            Some(format!(
+                "the summed gradient's norm {sum_norm:.6e} exceeds the members' weighted                  norms {parts:.6e}: a member sent more than it reports"
+            ))
+        } else {
+            None
+        };
+        let Some(problem) = problem else {
+            return Ok(true);
+        };
+        self.ring.unexplained += 1;
+        warn!(step, "ring step dropped: {problem}");
+        if self.ring.unexplained >= MAX_UNEXPLAINED_STEPS {
+            return Err(Error::Ring(format!(
+                "{} ring steps in a row dropped, the last because {problem}; no single member                  can be named from the reports: run the job with --allreduce ps, where the                  coordinator sees every gradient",
+                self.ring.unexplained
+            )));
+        }
+        Ok(false)
     }
 
     /// Counts a failed step or set-up; too many in a row with every member still there mean

@@ -595,6 +595,56 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
     Ok(())
 }
 
+/// Finite garbage: one gradient of `1e30`s, which once averaged left the model at chance for
+/// the rest of the job. The screen refuses it before averaging, names it in the log and in
+/// `metrics.jsonl`, and the job ends as accurate as a fault-free run.
+#[test]
+fn a_rogue_gradient_of_finite_garbage_is_refused_before_averaging() -> anyhow::Result<()> {
+    init_logging();
+    let job = Job::mlp(4, 2);
+    baseline(&job);
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let flags = ["--worker-timeout", "2", "--max-workers", "5"];
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let log = &cluster.coordinator.log;
+    let runtime = tokio::runtime::Runtime::new()?;
+
+    info!("--- a rogue client joins after step 100 and answers with 1e30s");
+    wait_step(log, 100);
+    let rogue = runtime.spawn(rogue_worker(cluster.url.clone(), |len| vec![1e30; len]));
+    let refused = log.wait_for_line(
+        0,
+        "gradient refused",
+        |line| line.contains("gradient refused"),
+        WAIT,
+    );
+    let rogue = runtime.block_on(async { tokio::time::timeout(WAIT, rogue).await })???;
+    let id = format!("w{}", rogue.worker_id);
+    assert!(refused.text.contains(&id), "{}", refused.text);
+    assert!(refused.text.contains("gradient norm"), "{}", refused.text);
+    let reason = rogue.evicted.expect("the rogue is told it was evicted");
+    println!("the rogue was told: {reason}");
+    assert!(reason.contains("gradient refused"), "{reason}");
+
+    info!("--- the job finishes as accurate as a fault-free run");
+    let records = check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
+    assert_lost(&records, &[&id]);
+    let refusals = entries(&records, "gradients_refused");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0]["worker"], id.as_str());
+    assert!(refusals[0]["step"].as_u64() >= Some(100), "{refusals:?}");
+    for record in &records {
+        let spread = record["gradient_spread"].as_f64().expect("four workers: a spread");
+        println!(
+            "epoch {}: largest honest gradient norm {spread:.2} times its step's median",
+            record["epoch"]
+        );
+        assert!(spread < coordinator::OUTLIER_FACTOR, "{record}");
+    }
+    Ok(())
+}
+
 /// Builds a rogue's gradient from the model's parameter count.
 type Poison = fn(usize) -> Vec<f32>;
 

@@ -555,6 +555,17 @@ fn judge_ring_report(
     if !report.gradient.is_empty() {
         return refuse("a gradient in a ring step's answer".into(), false);
     }
+    // The norm of a finite gradient is finite and not negative. The sum's may be infinite
+    // when another member's gradient was (that member names itself), never negative.
+    if !(report.gradient_norm.is_finite() && report.gradient_norm >= 0.0) {
+        return refuse(
+            format!("gradient_norm {} is not a norm", report.gradient_norm),
+            false,
+        );
+    }
+    if report.sum_norm < 0.0 {
+        return refuse(format!("sum_norm {} is not a norm", report.sum_norm), false);
+    }
     Verdict::Accept(RingAnswer { report })
 }
 

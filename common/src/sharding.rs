@@ -72,17 +72,19 @@ impl EpochPlan {
 /// If `parts` is zero.
 pub fn split_evenly(len: usize, parts: usize) -> Vec<Range<usize>> {
     assert!(parts > 0, "cannot split among zero parts");
-    let base = len / parts;
-    let extra = len % parts;
-    let mut start = 0;
-    (0..parts)
-        .map(|part| {
-            let size = base + usize::from(part < extra);
-            let range = start..start + size;
-            start += size;
-            range
-        })
-        .collect()
+    (0..parts).map(|part| even_part(len, parts, part)).collect()
+}
+
+/// Range `part` of [`split_evenly`]`(len, parts)`, without the others: the first `len % parts`
+/// ranges hold one item more. The ring all-reduce cuts its buffers so, one segment per rank.
+///
+/// # Panics
+/// If `parts` is zero.
+pub fn even_part(len: usize, parts: usize, part: usize) -> Range<usize> {
+    assert!(parts > 0, "cannot split among zero parts");
+    let (base, extra) = (len / parts, len % parts);
+    let start = part * base + part.min(extra);
+    start..start + base + usize::from(part < extra)
 }
 
 /// A uniform draw from `0..bound` without modulo bias (Lemire's method with rejection).
@@ -147,6 +149,10 @@ mod tests {
             prop_assert_eq!(next, len);
             let sizes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
             prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+            prop_assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "larger ranges first");
+            for (part, range) in ranges.iter().enumerate() {
+                prop_assert_eq!(&even_part(len, parts, part), range);
+            }
         }
     }
 

@@ -3,12 +3,9 @@
 use std::ops::Range;
 
 /// Segment `s` of `n` over `len` floats: the first `len % n` segments get one float more, so
-/// lengths below n or not divisible by n leave some segments empty or one shorter.
-pub(super) fn segment(len: usize, n: usize, s: usize) -> Range<usize> {
-    let (base, extra) = (len / n, len % n);
-    let start = s * base + s.min(extra);
-    start..start + base + usize::from(s < extra)
-}
+/// lengths below n or not divisible by n leave some segments empty or one shorter. The
+/// same cut as a step's batch among its members.
+pub(super) use common::sharding::even_part as segment;
 
 /// The chunks of at most `chunk` floats that stream `range`. An empty range still gives one
 /// (empty) chunk: every round then carries a message, so a rank whose buffer length differs

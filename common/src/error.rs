@@ -77,6 +77,10 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// A device this build cannot compute on, or a name that is no device.
+    #[error("device '{name}': {problem}")]
+    Device { name: String, problem: String },
+
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -86,6 +90,12 @@ impl Error {
     /// Whether trying the same thing again may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Fetch(_))
+    }
+
+    /// Whether the flags given cannot work (a device this build has no support for), as
+    /// opposed to trouble with data or computation.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::Device { .. })
     }
 
     /// Wraps an I/O error with the path it concerns.

@@ -6,6 +6,7 @@
 pub mod allocator;
 pub mod bench_report;
 pub mod dataset;
+pub mod device;
 pub mod error;
 pub mod fetch;
 pub mod ids;

@@ -11,7 +11,7 @@ pub enum Error {
     Common(#[from] common::Error),
 
     /// Flags or files that cannot work: a URL that does not parse, TLS settings that do not
-    /// fit it, a device this build has no support for. Retrying will not help.
+    /// fit it. Retrying will not help.
     #[error("{0}")]
     Usage(String),
 
@@ -56,10 +56,6 @@ pub enum Error {
     #[error("received dataset is corrupt: {0}")]
     Transfer(String),
 
-    /// A device this build cannot use.
-    #[error("device '{0}': {1}")]
-    Device(String, String),
-
     /// Writing the received dataset failed.
     #[error("{}: {source}", path.display())]
     Io {
@@ -85,10 +81,11 @@ impl Error {
     /// Whether the worker was started wrongly (bad flags or files): its exit status is then
     /// [`crate::EXIT_USAGE`], which a supervisor can tell from a failure worth retrying.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Error::Usage(_) | Error::Device(..) | Error::Security(_)
-        )
+        match self {
+            Error::Usage(_) | Error::Security(_) => true,
+            Error::Common(e) => e.is_usage(),
+            _ => false,
+        }
     }
 }
 

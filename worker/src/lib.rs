@@ -20,4 +20,4 @@ pub use process::{
     EXIT_USAGE, LogFormat, Stop, StopCause, init_tracing, init_tracing_to, main_with,
     stop_on_signals,
 };
-pub use session::{parse_device, run};
+pub use session::run;

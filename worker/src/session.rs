@@ -12,6 +12,7 @@ use crate::{
 use candle_core::Device;
 use common::{
     dataset::{Dataset, dataset_files},
+    device::parse_device,
     fetch::default_data_dir,
     ids::WorkerId,
     job::JobConfig,
@@ -585,23 +586,6 @@ async fn load_local(dir: PathBuf) -> Result<Option<Dataset>> {
     .await
     .expect("loading does not panic")
     .map_err(Error::from)
-}
-
-/// The device named `cpu` or `cuda:N`, as `--device` takes it.
-pub fn parse_device(name: &str) -> Result<Device> {
-    if name == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(ordinal) = name.strip_prefix("cuda:").and_then(|n| n.parse().ok()) else {
-        return Err(Error::Device(name.into(), "expected cpu or cuda:N".into()));
-    };
-    if !candle_core::utils::cuda_is_available() {
-        return Err(Error::Device(
-            name.into(),
-            "this build has no CUDA support (build with --features cuda)".into(),
-        ));
-    }
-    Device::new_cuda(ordinal).map_err(|e| Error::Device(name.into(), e.to_string()))
 }
 
 fn decode_f32(field: &'static str, bytes: &[u8]) -> Result<Vec<f32>> {

@@ -121,7 +121,8 @@ fn text_line(file: &Path, prediction: &Prediction) -> String {
 /// Loads the model and predicts every input; the outer error is a model that cannot be
 /// loaded, the inner ones are files that cannot be used.
 pub fn predict(args: &PredictArgs) -> Result<Vec<(PathBuf, Result<Prediction>)>> {
-    let device = worker::parse_device(&args.device).map_err(|e| Error::Config(format!("--{e}")))?;
+    let device =
+        common::device::parse_device(&args.device).map_err(|e| Error::Config(format!("--{e}")))?;
     let checkpoint = match (&args.checkpoint, &args.run_dir) {
         (Some(file), _) => Checkpoint::load(file)?,
         (None, Some(dir)) => Checkpoint::latest_in(dir)?,

@@ -7,7 +7,7 @@ use common::{
 };
 use proto::security::{JoinToken, ServerTls};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
-use worker::LogFormat;
+use process::LogFormat;
 
 /// How the coordinator runs a job; every flag can also come from the environment, so a
 /// Kubernetes manifest can set it.

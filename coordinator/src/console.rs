@@ -12,7 +12,7 @@ use std::{
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
-use worker::LogFormat;
+use process::LogFormat;
 
 /// The terminal's progress bar, once one is shown; log lines are written around it.
 static BAR: OnceLock<ProgressBar> = OnceLock::new();
@@ -23,7 +23,7 @@ const BAR_REFRESH: Duration = Duration::from_millis(100);
 /// Logging for the coordinator process: `tracing` to stderr, filtered by `RUST_LOG`, in
 /// `format`; lines are written around the progress bar when one is shown, never through it.
 pub fn init_logging(format: LogFormat) {
-    worker::init_tracing_to("coordinator", format, || ConsoleWriter);
+    process::init_tracing_to("coordinator", format, || ConsoleWriter);
 }
 
 /// Stderr, with the progress bar taken away while a log line is written.

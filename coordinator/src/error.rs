@@ -1,5 +1,5 @@
 use std::path::PathBuf;
-use worker::StopCause;
+use process::StopCause;
 
 /// Result with the coordinator's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -98,7 +98,7 @@ impl Error {
     }
 
     /// Whether the flags or files given cannot make a job: the exit status is then
-    /// [`worker::EXIT_USAGE`], so that a supervisor does not start it again unchanged.
+    /// [`process::exit::USAGE`], so that a supervisor does not start it again unchanged.
     pub fn is_usage(&self) -> bool {
         matches!(self, Error::Config(_))
     }

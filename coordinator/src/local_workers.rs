@@ -16,7 +16,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use worker::StopCause;
+use process::{LogFormat, StopCause};
 
 /// Pause before a dead worker is started again, so a worker that dies at once does not spin.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
@@ -44,7 +44,7 @@ pub struct LaunchSpec {
     /// Passed in the environment, not on the command line, where `ps` would show it.
     pub join_token: Option<JoinToken>,
     /// The coordinator's own, so that the job's logs have one format.
-    pub log_format: worker::LogFormat,
+    pub log_format: LogFormat,
     /// Pass the workers' log lines through the coordinator's, which writes them around its
     /// progress bar; otherwise the workers write to the coordinator's stderr themselves.
     pub forward_logs: bool,

@@ -53,7 +53,7 @@ async fn coordinate(config: coordinator::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let stop = worker::stop_on_signals();
+    let stop = process::stop_on_signals();
     let run_dir = config.run_dir.clone().or_else(|| config.resume.clone());
     let carry_on = match &run_dir {
         Some(dir) => format!(
@@ -88,11 +88,11 @@ async fn coordinate(config: coordinator::Config) -> ExitCode {
         Err(e) if e.is_retryable() => {
             tracing::error!("{e}");
             tracing::info!("{carry_on}");
-            ExitCode::from(EXIT_RETRYABLE)
+            ExitCode::from(process::exit::RETRYABLE)
         }
         Err(e) if e.is_usage() => {
             tracing::error!("{e}");
-            ExitCode::from(worker::EXIT_USAGE)
+            ExitCode::from(process::exit::USAGE)
         }
         Err(e) => {
             tracing::error!("{e}");
@@ -100,7 +100,3 @@ async fn coordinate(config: coordinator::Config) -> ExitCode {
         }
     }
 }
-
-/// Exit status of a job stopped by something outside it (its workers did not come back):
-/// running it again with `--resume` may succeed. BSD's EX_TEMPFAIL, which supervisors read as "retry".
-const EXIT_RETRYABLE: u8 = 75;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
-use worker::{Stop, StopCause};
+use process::{Stop, StopCause};
 
 /// How long open connections get to close when the job is over.
 const SERVER_STOP_GRACE: Duration = Duration::from_secs(1);

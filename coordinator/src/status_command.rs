@@ -24,7 +24,7 @@ pub struct StatusArgs {
     pub json: bool,
 
     #[command(flatten)]
-    pub credentials: worker::Credentials,
+    pub credentials: process::Credentials,
 }
 
 /// The `status` command: prints the job's status, exit status 1 when the coordinator cannot

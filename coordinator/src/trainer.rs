@@ -40,7 +40,7 @@ use std::{
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use worker::{Stop, StopCause};
+use process::{Stop, StopCause};
 
 mod ring;
 

@@ -116,7 +116,7 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
     let runs = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let stop = worker::Stop::default();
+    let stop = process::Stop::default();
     let job = tokio::spawn(coordinator::run(
         coordinator::Config {
             workers: 1,
@@ -194,11 +194,11 @@ async fn registration_refuses_mismatches_with_reasons() -> anyhow::Result<()> {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::NotFound);
 
-    stop.request(worker::StopCause::Interrupt);
+    stop.request(process::StopCause::Interrupt);
     let outcome = job.await?;
     assert!(matches!(
         outcome,
-        Err(coordinator::Error::Stopped(worker::StopCause::Interrupt))
+        Err(coordinator::Error::Stopped(process::StopCause::Interrupt))
     ));
     Ok(())
 }

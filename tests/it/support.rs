@@ -33,7 +33,7 @@ pub async fn train_in_process(
 ) -> anyhow::Result<coordinator::Summary> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let stop = worker::Stop::default();
+    let stop = process::Stop::default();
     let workers: Vec<_> = (0..config.workers)
         .map(|_| {
             let config = worker::Config {

@@ -79,7 +79,7 @@ impl Error {
     }
 
     /// Whether the worker was started wrongly (bad flags or files): its exit status is then
-    /// [`crate::EXIT_USAGE`], which a supervisor can tell from a failure worth retrying.
+    /// [`process::exit::USAGE`], which a supervisor can tell from a failure worth retrying.
     pub fn is_usage(&self) -> bool {
         match self {
             Error::Usage(_) | Error::Security(_) => true,

@@ -7,17 +7,14 @@ mod config;
 mod error;
 mod executor;
 mod nccl;
-mod process;
+mod program;
 pub mod ring;
 mod ring_replica;
 mod session;
 mod transfer;
 
-pub use config::{Config, Credentials};
+pub use config::Config;
 pub use error::{Error, Result};
 pub use executor::Executor;
-pub use process::{
-    EXIT_USAGE, LogFormat, Stop, StopCause, init_tracing, init_tracing_to, main_with,
-    stop_on_signals,
-};
+pub use program::main_with;
 pub use session::run;

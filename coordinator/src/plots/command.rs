@@ -17,7 +17,7 @@ pub struct PlotArgs {
 
 /// `coordinator plot RUN_DIR`: writes the plots and prints the files' paths.
 pub fn main(args: PlotArgs) -> ExitCode {
-    worker::init_tracing("plot", worker::LogFormat::Text);
+    process::init_tracing("plot", process::LogFormat::Text);
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     match write_plots(&args.run_dir, &data_dir) {
         Ok(files) => {

@@ -3,6 +3,7 @@
 use crate::{Error, Result};
 use clap::Args;
 use proto::{
+    client,
     security::ClientAuth,
     v1::{
         JobPhase, StatusReply, StatusRequest, WorkerState, coordinator_client::CoordinatorClient,
@@ -10,7 +11,6 @@ use proto::{
 };
 use serde_json::json;
 use std::{fmt::Write, process::ExitCode, time::Duration};
-use tonic::transport::Endpoint;
 
 /// Where the coordinator is and how to reach it: the worker's connection flags.
 #[derive(Debug, Clone, Args)]
@@ -57,23 +57,10 @@ pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReply> {
         url: url.clone(),
         reason,
     };
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| fail(format!("not a valid URL: {e}")))?
+    let endpoint = client::endpoint(url, args.credentials.tls().as_ref())
+        .map_err(|e| fail(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
-    match (args.credentials.tls(), url.starts_with("https://")) {
-        (Some(tls), true) => {
-            let tls = tls.load().map_err(|e| fail(e.to_string()))?;
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| fail(format!("TLS settings: {e}")))?;
-        }
-        (Some(_), false) => {
-            return Err(fail("--tls-ca is given but the URL is not https://".into()));
-        }
-        (None, true) => return Err(fail("an https:// URL needs --tls-ca".into())),
-        (None, false) => {}
-    }
     let token = args
         .credentials
         .join_token()

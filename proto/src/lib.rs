@@ -2,6 +2,7 @@
 //! build time from `lockstep/v1/cluster.proto`, plus the little-endian codecs for the tensors
 //! that travel in `bytes` fields.
 
+pub mod client;
 mod codec;
 pub mod health;
 mod model_state;

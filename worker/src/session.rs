@@ -20,6 +20,7 @@ use common::{
     replica::Replica,
 };
 use proto::{
+    client::EndpointError,
     health::{HealthPort, Liveness, Readiness},
     security::ClientAuth,
     v1::{
@@ -39,13 +40,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Streaming,
-    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
 use tracing::{info, warn};
 
-/// A client of the coordinator that sends the join token with every call.
-pub type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
+pub use proto::client::Client;
 
 /// Runs a worker until the coordinator dismisses it (`Ok`), `shutdown` is cancelled (`Ok`),
 /// or something breaks that registering again cannot mend.
@@ -457,9 +456,11 @@ fn build_replica(job: &JobSpec, device: &Device) -> Result<Replica> {
 /// The coordinator's address with this worker's transport settings.
 fn endpoint(config: &Config) -> Result<Endpoint> {
     let url = &config.coordinator;
-    let unusable = |reason: String| Error::Usage(format!("--coordinator {url}: {reason}"));
-    let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| unusable(format!("not a valid URL: {e}")))?
+    let endpoint = proto::client::endpoint(url, config.credentials.tls().as_ref())
+        .map_err(|e| match e {
+            EndpointError::Security(e) => Error::Security(e),
+            e => Error::Usage(format!("--coordinator {url}: {e}")),
+        })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_stream_window_size(proto::WINDOW_BYTES)
@@ -469,26 +470,6 @@ fn endpoint(config: &Config) -> Result<Endpoint> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let https = url.starts_with("https://");
-    match config.credentials.tls() {
-        Some(tls) if https => {
-            endpoint = endpoint
-                .tls_config(tls.load()?)
-                .map_err(|e| unusable(format!("TLS settings: {e}")))?;
-        }
-        Some(_) => {
-            return Err(unusable(
-                "--tls-ca is given but the URL is not https://; TLS would not be used".into(),
-            ));
-        }
-        None if https => {
-            return Err(unusable(
-                "an https:// URL needs --tls-ca, the CA that signed the coordinator's certificate"
-                    .into(),
-            ));
-        }
-        None => {}
-    }
     Ok(endpoint)
 }
 

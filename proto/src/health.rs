@@ -125,6 +125,15 @@ impl HealthPort {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let stop = CancellationToken::new();
         let (reporter, service) = tonic_health::server::health_reporter();
+        let status = |up: bool| {
+            if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        let first = reporter.clone();
+        let (first_readiness, first_liveness) = (readiness.clone(), liveness.clone());
         let refresh_stop = stop.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REFRESH);
@@ -133,13 +142,6 @@ impl HealthPort {
                     _ = tick.tick() => {}
                     () = refresh_stop.cancelled() => return,
                 }
-                let status = |up: bool| {
-                    if up {
-                        ServingStatus::Serving
-                    } else {
-                        ServingStatus::NotServing
-                    }
-                };
                 reporter
                     .set_service_status(READINESS, status(readiness.is_ready()))
                     .await;
@@ -150,6 +152,14 @@ impl HealthPort {
         });
         let server_stop = stop.clone();
         let server = tokio::spawn(async move {
+            // Both services are known before the first probe is answered: one that came
+            // before the first refresh would otherwise find "service not registered".
+            first
+                .set_service_status(READINESS, status(first_readiness.is_ready()))
+                .await;
+            first
+                .set_service_status(LIVENESS, status(first_liveness.is_alive()))
+                .await;
             let served = tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(

@@ -83,7 +83,8 @@ fn a_running_job_reports_status_health_and_metrics() -> anyhow::Result<()> {
     })?;
     assert_eq!(
         (status.model.as_str(), status.allreduce.as_str()),
-        ("mlp", "ps")
+        ("mlp", "ring"),
+        "spawned workers sum in a ring by default"
     );
     assert_eq!((status.epochs, status.total_steps), (2, STEPS));
     assert_eq!(status.steps_per_epoch, 469);
@@ -98,7 +99,7 @@ fn a_running_job_reports_status_health_and_metrics() -> anyhow::Result<()> {
 
     info!("--- coordinator status, as text and as JSON");
     let text = status_command(&["--coordinator", &url])?;
-    assert!(text.contains(" (mlp, ps): "), "{text}");
+    assert!(text.contains(" (mlp, ring): "), "{text}");
     assert!(text.contains("/2, step "), "{text}");
     assert_eq!(text.matches(" active ").count(), 2, "{text}");
     let json: serde_json::Value =

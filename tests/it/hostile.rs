@@ -64,7 +64,7 @@ async fn hostile_registrations_are_refused_by_field_and_bounded() -> anyhow::Res
     let runs = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let stop = worker::Stop::default();
+    let stop = process::Stop::default();
     // Two workers to wait for: the one session opened here never starts the job.
     let job = tokio::spawn(coordinator::run(
         coordinator::Config {
@@ -177,11 +177,11 @@ async fn hostile_registrations_are_refused_by_field_and_bounded() -> anyhow::Res
         refused.message()
     );
 
-    stop.request(worker::StopCause::Interrupt);
+    stop.request(process::StopCause::Interrupt);
     let outcome = job.await?;
     assert!(matches!(
         outcome,
-        Err(coordinator::Error::Stopped(worker::StopCause::Interrupt))
+        Err(coordinator::Error::Stopped(process::StopCause::Interrupt))
     ));
     Ok(())
 }
@@ -306,7 +306,7 @@ async fn members_reporting_impossible_sums_are_evicted_and_the_run_directory_sta
     let runs = tempfile::tempdir()?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let stop = worker::Stop::default();
+    let stop = process::Stop::default();
     let job = tokio::spawn(coordinator::run(
         coordinator::Config {
             workers: 1,

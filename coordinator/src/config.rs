@@ -5,9 +5,9 @@ use common::{
     model::ModelKind,
     optim::{OptimizerConfig, OptimizerKind},
 };
+use process::LogFormat;
 use proto::security::{JoinToken, ServerTls};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
-use process::LogFormat;
 
 /// How the coordinator runs a job; every flag can also come from the environment, so a
 /// Kubernetes manifest can set it.

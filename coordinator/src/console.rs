@@ -5,6 +5,7 @@
 
 use crate::status::{JobStatus, Phase, WorkerState};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use process::LogFormat;
 use std::{
     io::{self, IsTerminal, Write},
     sync::OnceLock,
@@ -12,7 +13,6 @@ use std::{
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::info;
-use process::LogFormat;
 
 /// The terminal's progress bar, once one is shown; log lines are written around it.
 static BAR: OnceLock<ProgressBar> = OnceLock::new();

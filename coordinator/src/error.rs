@@ -1,5 +1,5 @@
-use std::path::PathBuf;
 use process::StopCause;
+use std::path::PathBuf;
 
 /// Result with the coordinator's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,6 +1,7 @@
 //! Worker processes that the coordinator starts on its own machine (`--workers N`).
 
 use crate::{Error, Result, event::Event};
+use process::{LogFormat, StopCause};
 use proto::security::JoinToken;
 use std::{
     os::unix::process::CommandExt,
@@ -16,7 +17,6 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use process::{LogFormat, StopCause};
 
 /// Pause before a dead worker is started again, so a worker that dies at once does not spin.
 const RESTART_DELAY: Duration = Duration::from_millis(500);

@@ -71,9 +71,9 @@ pub struct EpochRecord {
     #[serde(default)]
     pub gradients_refused: Vec<Departure>,
     /// The largest accepted gradient norm of the epoch over its step's reference: how near
-    /// honest members came to the refusal threshold (`OUTLIER_FACTOR`, 8). `null` when no
-    /// step had a reference (one worker, first steps).
-    #[serde(default)]
+    /// honest members came to the refusal threshold (`OUTLIER_FACTOR`, 8). Left out when no
+    /// step had three or more members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_spread: Option<f64>,
 }
 

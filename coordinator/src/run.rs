@@ -17,6 +17,7 @@ use common::{
     fetch::{default_data_dir, ensure_mnist},
     replica::Replica,
 };
+use process::{Stop, StopCause};
 use proto::{
     health::{HealthPort, Liveness, Readiness},
     security::ServerAuth,
@@ -28,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{service::interceptor::InterceptedService, transport::server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{debug, info, warn};
-use process::{Stop, StopCause};
 
 /// How long open connections get to close when the job is over.
 const SERVER_STOP_GRACE: Duration = Duration::from_secs(1);

@@ -28,6 +28,7 @@ use common::{
     seed::derive_seed,
     sharding::{EpochPlan, split_evenly},
 };
+use process::{Stop, StopCause};
 use proto::health::Liveness;
 use proto::v1::{
     ComputeGradient, EvalReport, Evaluate, GradientReport, JobSpec, coordinator_message::Kind,
@@ -40,7 +41,6 @@ use std::{
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use process::{Stop, StopCause};
 
 mod ring;
 

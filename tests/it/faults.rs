@@ -635,7 +635,9 @@ fn a_rogue_gradient_of_finite_garbage_is_refused_before_averaging() -> anyhow::R
     assert_eq!(refusals[0]["worker"], id.as_str());
     assert!(refusals[0]["step"].as_u64() >= Some(100), "{refusals:?}");
     for record in &records {
-        let spread = record["gradient_spread"].as_f64().expect("four workers: a spread");
+        let spread = record["gradient_spread"]
+            .as_f64()
+            .expect("four workers: a spread");
         println!(
             "epoch {}: largest honest gradient norm {spread:.2} times its step's median",
             record["epoch"]

@@ -70,9 +70,10 @@ pub struct EpochRecord {
     /// worker is evicted too, and listed in `workers_lost`).
     #[serde(default)]
     pub gradients_refused: Vec<Departure>,
-    /// The largest accepted gradient norm of the epoch over its step's reference: how near
-    /// honest members came to the refusal threshold (`OUTLIER_FACTOR`, 8). Left out when no
-    /// step had three or more members.
+    /// The largest accepted gradient norm of the epoch over its reference (the others'
+    /// median, or recent steps' with one or two members): how far honest steps spiked,
+    /// against the refusal threshold (`OUTLIER_FACTOR`, 1e4). Left out when no step had a
+    /// reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_spread: Option<f64>,
 }

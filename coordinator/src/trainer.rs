@@ -40,7 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 mod ring;
 
@@ -764,6 +764,17 @@ impl Trainer {
     /// evicted and recorded, and returned. When every member with images is refused, no
     /// single one explains it: the model diverged.
     fn screen_step(&mut self, step: u64, norms: &[Norm]) -> Result<Vec<WorkerId>> {
+        // What `scripts/screen_replay.py` replays the screen's rules on.
+        trace!(
+            step,
+            norms = %norms
+                .iter()
+                .filter(|n| n.count > 0)
+                .map(|n| format!("{}:{:e}", n.worker, n.norm))
+                .collect::<Vec<_>>()
+                .join(" "),
+            "gradient norms"
+        );
         let screened = self.screen.judge(norms);
         if let Some(spread) = screened.spread {
             self.progress.spread = Some(self.progress.spread.map_or(spread, |s| s.max(spread)));

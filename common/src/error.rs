@@ -147,3 +147,16 @@ pub enum IdxProblem {
     #[error("holds no items")]
     Empty,
 }
+
+/// [`Error::Length`] unless a buffer named `what` holds the `expected` number of floats.
+pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(Error::Length {
+            what,
+            expected,
+            actual,
+        })
+    }
+}

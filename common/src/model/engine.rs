@@ -5,6 +5,7 @@ use super::parallel::{as_uninit, for_each_piece, on_pool, worth_splitting_produc
 use super::wide_conv::WideConv;
 use super::{Layer, ModelKind, loss, mlp_dropout, pool, relu, tanh};
 use crate::dataset::{CLASSES, IMAGE_PIXELS};
+use crate::error::check_len;
 use crate::simd::Isa;
 use crate::{Error, Result};
 use rand_chacha::ChaCha8Rng;
@@ -1052,18 +1053,6 @@ fn plan_storage(image: &mut [Stage<ImageOp>]) {
                     ..
                 }
             );
-    }
-}
-
-fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(Error::Length {
-            what,
-            expected,
-            actual,
-        })
     }
 }
 

@@ -1,4 +1,5 @@
 use super::{OptimizerConfig, OptimizerKind};
+use crate::error::check_len;
 use crate::simd::{Isa, multiversion};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -56,19 +57,8 @@ impl Optimizer {
     /// Resumes from a saved state, which must have the buffers that `config`'s rule keeps.
     pub fn from_state(config: OptimizerConfig, state: OptimizerState) -> Result<Optimizer> {
         let (first, second) = buffer_lens(&config, state.len);
-        let check = |what: &'static str, expected: usize, actual: usize| {
-            if expected == actual {
-                Ok(())
-            } else {
-                Err(Error::Length {
-                    what,
-                    expected,
-                    actual,
-                })
-            }
-        };
-        check("optimizer first moment", first, state.first_moment.len())?;
-        check("optimizer second moment", second, state.second_moment.len())?;
+        check_len("optimizer first moment", first, state.first_moment.len())?;
+        check_len("optimizer second moment", second, state.second_moment.len())?;
         Ok(Optimizer {
             config,
             state,

@@ -223,9 +223,10 @@ impl Trainer {
                     .collect::<Vec<_>>()
                     .join(", ")
             ))
-        } else if !(sum_norm <= parts * (1.0 + 1e-3) + 1e-30) {
+        } else if sum_norm.is_nan() || sum_norm > parts * (1.0 + 1e-3) + 1e-30 {
             Some(format!(
-                "the summed gradient's norm {sum_norm:.6e} exceeds the members' weighted                  norms {parts:.6e}: a member sent more than it reports"
+                "the summed gradient's norm {sum_norm:.6e} exceeds the members' weighted \
+                 norms {parts:.6e}: a member sent more than it reports"
             ))
         } else {
             None
@@ -237,7 +238,9 @@ impl Trainer {
         warn!(step, "ring step dropped: {problem}");
         if self.ring.unexplained >= MAX_UNEXPLAINED_STEPS {
             return Err(Error::Ring(format!(
-                "{} ring steps in a row dropped, the last because {problem}; no single member                  can be named from the reports: run the job with --allreduce ps, where the                  coordinator sees every gradient",
+                "{} ring steps in a row dropped, the last because {problem}; no single member \
+                 can be named from the reports: run the job with --allreduce ps, where the \
+                 coordinator sees every gradient",
                 self.ring.unexplained
             )));
         }

@@ -11,9 +11,9 @@ use crate::procs::{
 use crate::support::{binary, init_logging, mnist_dir};
 use libc::{SIGCONT, SIGKILL, SIGSTOP, SIGTERM};
 use proto::v1::{
-    CoordinatorMessage, Evicted, GradientReport, Heartbeat, Hello, RegisterRequest, Shutdown,
-    WorkerMessage, coordinator_client::CoordinatorClient, coordinator_message::Kind as Command,
-    worker_message::Kind,
+    ComputeGradient, CoordinatorMessage, Evicted, GradientReport, Heartbeat, Hello,
+    RegisterRequest, Shutdown, WorkerMessage, coordinator_client::CoordinatorClient,
+    coordinator_message::Kind as Command, worker_message::Kind,
 };
 use serde_json::Value;
 use std::{
@@ -459,17 +459,32 @@ pub(crate) fn coordinator_sigkilled_and_resumed(job: Job) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// A client of the test itself, speaking the protocol, that answers every request with a
-/// gradient holding a NaN.
+/// What a client of the test itself, speaking the protocol with made-up answers, saw.
 struct Rogue {
     worker_id: u64,
-    nan_sent: Option<Instant>,
+    first_answer: Option<Instant>,
     evicted: Option<String>,
 }
+
+/// What a rogue sends for a request: its gradient, loss sum and correct count.
+type Answer = (Vec<f32>, f64, u64);
 
 /// A client that speaks the protocol and answers every request with `poison(parameter count)`
 /// as its gradient, until it is dismissed.
 async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
+    rogue_answering(url, move |len, compute| {
+        let count = proto::decode_u32("indices", &compute.indices)?.len() as f64;
+        Ok((poison(len), 2.3 * count, 0))
+    })
+    .await
+}
+
+/// A client that speaks the protocol and answers every request with what `answer` makes of
+/// it (given the parameter count), until it is dismissed.
+async fn rogue_answering(
+    url: String,
+    mut answer: impl FnMut(usize, &ComputeGradient) -> anyhow::Result<Answer>,
+) -> anyhow::Result<Rogue> {
     use anyhow::Context;
     let message = |kind| WorkerMessage { kind: Some(kind) };
     let mut client = CoordinatorClient::connect(url)
@@ -512,7 +527,7 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
         .session(tokio_stream::wrappers::ReceiverStream::new(outbound))
         .await?
         .into_inner();
-    let mut nan_sent = None;
+    let mut first_answer = None;
     let evicted = loop {
         let Ok(Some(CoordinatorMessage {
             kind: Some(command),
@@ -523,14 +538,14 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
         match command {
             Command::Compute(compute) => {
                 let count = proto::decode_u32("indices", &compute.indices)?.len() as u64;
-                let gradient = poison(parameter_count);
-                nan_sent.get_or_insert_with(Instant::now);
+                let (gradient, loss_sum, correct) = answer(parameter_count, &compute)?;
+                first_answer.get_or_insert_with(Instant::now);
                 outbox
                     .send(message(Kind::Gradient(GradientReport {
                         step: compute.step,
                         count,
-                        loss_sum: 2.3 * count as f64,
-                        correct: 0,
+                        loss_sum,
+                        correct,
                         gradient: proto::encode_f32(&gradient),
                         compute_seconds: 0.001,
                         ..Default::default()
@@ -547,7 +562,7 @@ async fn rogue_worker(url: String, poison: Poison) -> anyhow::Result<Rogue> {
     heartbeats.abort();
     Ok(Rogue {
         worker_id: reply.worker_id,
-        nan_sent,
+        first_answer,
         evicted,
     })
 }
@@ -581,8 +596,10 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
         lost.text
     );
     assert!(lost.text.contains("NaN"), "{}", lost.text);
-    let nan_sent = rogue.nan_sent.expect("the rogue was asked for a gradient");
-    seconds("detection", nan_sent, lost.at);
+    let first_answer = rogue
+        .first_answer
+        .expect("the rogue was asked for a gradient");
+    seconds("detection", first_answer, lost.at);
     let reason = rogue.evicted.expect("the rogue is told it was evicted");
     println!("the rogue was told: {reason}");
     assert!(reason.contains("non-finite"), "{reason}");
@@ -644,6 +661,79 @@ fn a_rogue_gradient_of_finite_garbage_is_refused_before_averaging() -> anyhow::R
         );
         assert!(spread > 0.0, "{record}");
     }
+    Ok(())
+}
+
+/// A member sending ten times its true gradient with the sign turned, every step, from step
+/// 100 of a two-epoch MLP job. Late in training the sustained rule refuses such a member
+/// within 14-58 steps (replayed on recorded norms, see `scripts/screen_replay.py`), but this
+/// early four steps of it among five members make the model climb the loss until the
+/// rogue's norm passes the absolute bound (refused at step 105), and the job ends at 15.7%
+/// instead of 97.6%. What would catch it in its first step without refusing honest spikes
+/// is not built yet: single honest steps reach 463 times the others' median norm, and their
+/// cosine with the others' sum goes down to -0.58 (three-worker MLP, parameter server).
+#[test]
+#[ignore = "known limitation: a scaled gradient early in training is refused too late"]
+fn a_member_sending_minus_ten_times_its_gradient_is_refused_and_the_job_keeps_its_accuracy()
+-> anyhow::Result<()> {
+    init_logging();
+    let job = Job::mlp(4, 2);
+    baseline(&job);
+    let dir = tempfile::tempdir()?;
+    let mut procs = Procs::new();
+    let flags = ["--worker-timeout", "2", "--max-workers", "5"];
+    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let log = &cluster.coordinator.log;
+    let runtime = tokio::runtime::Runtime::new()?;
+    // The rogue computes as an honest worker would, then turns and scales the gradient.
+    let dataset = common::dataset::Dataset::load(&mnist_dir())?;
+    let device = candle_core::Device::Cpu;
+    let mut replica = common::replica::Replica::new(common::model::ModelKind::Mlp, &device)?;
+    let scaled = move |_: usize, compute: &ComputeGradient| -> anyhow::Result<Answer> {
+        let parameters = proto::decode_f32("parameters", &compute.parameters)?;
+        let indices = proto::decode_u32("indices", &compute.indices)?;
+        let (images, labels) = dataset.train.batch(&indices, &device)?;
+        let honest = replica.gradient(&parameters, &images, &labels, compute.dropout_seed)?;
+        let gradient = honest.gradient.iter().map(|g| -10.0 * g).collect();
+        Ok((gradient, honest.loss_sum, honest.correct))
+    };
+
+    info!("--- a member joins after step 100 and sends -10 times its gradient");
+    wait_step(log, 100);
+    let rogue = runtime.spawn(rogue_answering(cluster.url.clone(), scaled));
+    let refused = log.wait_for_line(
+        0,
+        "gradient refused",
+        |line| line.contains("gradient refused"),
+        WAIT,
+    );
+    let rogue = runtime.block_on(async { tokio::time::timeout(WAIT, rogue).await })???;
+    let id = format!("w{}", rogue.worker_id);
+    assert!(refused.text.contains(&id), "{}", refused.text);
+    println!("refused: {}", refused.text);
+    let first = rogue
+        .first_answer
+        .expect("the rogue was asked for gradients");
+    seconds("first scaled gradient to its refusal", first, refused.at);
+    let reason = rogue.evicted.expect("the rogue is told it was evicted");
+    println!("the rogue was told: {reason}");
+
+    info!("--- the job finishes as accurate as a fault-free run");
+    let records = check_job(&mut procs, &cluster.coordinator, &cluster.run_dir, &job);
+    assert_lost(&records, &[&id]);
+    let refusals = entries(&records, "gradients_refused");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    let step = refusals[0]["step"].as_u64().expect("a step");
+    let joined = entries(&records, "workers_joined");
+    let joined_at = joined
+        .iter()
+        .find(|j| j["worker"] == id.as_str())
+        .and_then(|j| j["step"].as_u64())
+        .expect("the rogue's join is recorded");
+    println!(
+        "joined at step {joined_at}, refused at step {step}: {} steps",
+        step - joined_at
+    );
     Ok(())
 }
 

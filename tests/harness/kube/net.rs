@@ -230,7 +230,18 @@ fn clean_up_lab(n: u8) {
             }
         }
     }
-    // Veths die with their namespace's end; the bridge last.
+    // Veths die with their namespace's end, unless a process of a lab that was killed still
+    // holds the namespace: those are deleted by name. The bridge last.
+    if let Ok(output) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        let veth = format!("lk{n}v");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            // "3373: lk1v17@if3372: <BROADCAST,..."
+            let name = line.split(": ").nth(1).and_then(|n| n.split('@').next());
+            if let Some(name) = name.filter(|name| name.starts_with(&veth)) {
+                let _ = ip(&["link", "del", name]);
+            }
+        }
+    }
     let _ = ip(&["link", "del", &format!("lkbr{n}")]);
     let _ = fs::remove_file(PathBuf::from(STATE_DIR).join(n.to_string()));
 }

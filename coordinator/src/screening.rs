@@ -39,8 +39,10 @@ use std::collections::{HashMap, VecDeque};
 /// gradient norm may be: about 20 times the largest honest spike measured (463).
 pub const OUTLIER_FACTOR: f64 = 1e4;
 
-/// A gradient norm no MNIST model produces while training: refused whatever the others send.
-/// Cross-entropy gradients of inputs in [0, 1] stay orders of magnitude below it.
+/// A gradient norm no MNIST model produces while it learns: refused whatever the others
+/// send. Cross-entropy gradients of inputs in [0, 1] stay orders of magnitude below it until
+/// the model diverges (an MLP at a rate of 0.8 reached 3e4 within 40 steps); then every
+/// member is refused, and the job stops as diverged.
 pub const MAX_NORM: f64 = 1e4;
 
 /// Steps over which a member's typical norm, against the others', is taken.

@@ -320,6 +320,9 @@ pub(super) fn backward_planes(
     w: usize,
     dxs: &mut [MaybeUninit<f32>],
 ) {
+    // Only x86-64 has copies for other instruction sets; elsewhere `isa` is the portable one.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     let (oh, ow) = (h / 2, w / 2);
     assert!(xs.len() == dxs.len() && xs.len().is_multiple_of((h * w).max(1)));
     let planes = xs.len() / (h * w).max(1);

@@ -121,38 +121,38 @@ impl Screen {
         }
         let values: Vec<f64> = sane.iter().map(|n| n.norm).collect();
         let median = (!values.is_empty()).then(|| upper_median(&values));
-        let mut spread: Option<f64> = None;
-        if sane.len() >= 3 {
+        // Each member against its reference: with three or more the others' median, with
+        // fewer recent steps'.
+        let references: Vec<(&Norm, f64, &str, bool)> = if sane.len() >= 3 {
             let floor = median.unwrap_or(0.0) * REFERENCE_FLOOR;
-            for n in &sane {
-                let others: Vec<f64> = sane
-                    .iter()
-                    .filter(|o| o.worker != n.worker && o.norm >= floor && o.norm > 0.0)
-                    .map(|o| o.norm)
-                    .collect();
-                if others.is_empty() || n.norm <= 0.0 {
-                    continue;
-                }
-                let reference = upper_median(&others);
-                if let Some(reason) = self.judge_one(n, reference, "the others' median", true) {
-                    refusals.push(Refusal {
-                        worker: n.worker,
-                        reason,
-                    });
-                } else {
-                    spread = Some(spread.unwrap_or(0.0).max(n.norm / reference));
-                }
-            }
-        } else if let Some(reference) = self.past_reference().filter(|r| *r > 0.0) {
-            for n in &sane {
-                if let Some(reason) = self.judge_one(n, reference, "recent steps' median", false) {
-                    refusals.push(Refusal {
-                        worker: n.worker,
-                        reason,
-                    });
-                } else {
-                    spread = Some(spread.unwrap_or(0.0).max(n.norm / reference));
-                }
+            sane.iter()
+                .filter_map(|n| {
+                    let others: Vec<f64> = sane
+                        .iter()
+                        .filter(|o| o.worker != n.worker && o.norm >= floor && o.norm > 0.0)
+                        .map(|o| o.norm)
+                        .collect();
+                    (!others.is_empty() && n.norm > 0.0)
+                        .then(|| (*n, upper_median(&others), "the others' median", true))
+                })
+                .collect()
+        } else {
+            let past = self.past_reference().filter(|r| *r > 0.0);
+            past.map_or_else(Vec::new, |reference| {
+                sane.iter()
+                    .map(|n| (*n, reference, "recent steps' median", false))
+                    .collect()
+            })
+        };
+        let mut spread: Option<f64> = None;
+        for (n, reference, what, sustained) in references {
+            if let Some(reason) = self.judge_one(n, reference, what, sustained) {
+                refusals.push(Refusal {
+                    worker: n.worker,
+                    reason,
+                });
+            } else {
+                spread = Some(spread.unwrap_or(0.0).max(n.norm / reference));
             }
         }
         let accepted: Vec<f64> = sane

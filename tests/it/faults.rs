@@ -567,8 +567,17 @@ async fn rogue_answering(
     })
 }
 
-#[test]
-fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::Result<()> {
+/// A four-worker MLP job with room for a fifth member, and a runtime for the rogue clients
+/// that join it.
+struct RogueJob {
+    job: Job,
+    procs: Procs,
+    cluster: Cluster,
+    runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+fn rogue_job() -> anyhow::Result<RogueJob> {
     init_logging();
     let job = Job::mlp(4, 2);
     baseline(&job);
@@ -576,8 +585,25 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
     let mut procs = Procs::new();
     let flags = ["--worker-timeout", "2", "--max-workers", "5"];
     let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    Ok(RogueJob {
+        job,
+        procs,
+        cluster,
+        runtime: tokio::runtime::Runtime::new()?,
+        dir,
+    })
+}
+
+#[test]
+fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::Result<()> {
+    let RogueJob {
+        job,
+        mut procs,
+        cluster,
+        runtime,
+        dir: _dir,
+    } = rogue_job()?;
     let log = &cluster.coordinator.log;
-    let runtime = tokio::runtime::Runtime::new()?;
 
     info!("--- a rogue client joins after step 100 and answers with NaN");
     wait_step(log, 100);
@@ -617,15 +643,14 @@ fn rogue_client_sending_nan_gradients_is_evicted_naming_the_value() -> anyhow::R
 /// `metrics.jsonl`, and the job ends as accurate as a fault-free run.
 #[test]
 fn a_rogue_gradient_of_finite_garbage_is_refused_before_averaging() -> anyhow::Result<()> {
-    init_logging();
-    let job = Job::mlp(4, 2);
-    baseline(&job);
-    let dir = tempfile::tempdir()?;
-    let mut procs = Procs::new();
-    let flags = ["--worker-timeout", "2", "--max-workers", "5"];
-    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let RogueJob {
+        job,
+        mut procs,
+        cluster,
+        runtime,
+        dir: _dir,
+    } = rogue_job()?;
     let log = &cluster.coordinator.log;
-    let runtime = tokio::runtime::Runtime::new()?;
 
     info!("--- a rogue client joins after step 100 and answers with 1e30s");
     wait_step(log, 100);
@@ -676,15 +701,14 @@ fn a_rogue_gradient_of_finite_garbage_is_refused_before_averaging() -> anyhow::R
 #[ignore = "known limitation: a scaled gradient early in training is refused too late"]
 fn a_member_sending_minus_ten_times_its_gradient_is_refused_and_the_job_keeps_its_accuracy()
 -> anyhow::Result<()> {
-    init_logging();
-    let job = Job::mlp(4, 2);
-    baseline(&job);
-    let dir = tempfile::tempdir()?;
-    let mut procs = Procs::new();
-    let flags = ["--worker-timeout", "2", "--max-workers", "5"];
-    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let RogueJob {
+        job,
+        mut procs,
+        cluster,
+        runtime,
+        dir: _dir,
+    } = rogue_job()?;
     let log = &cluster.coordinator.log;
-    let runtime = tokio::runtime::Runtime::new()?;
     // The rogue computes as an honest worker would, then turns and scales the gradient.
     let dataset = common::dataset::Dataset::load(&mnist_dir())?;
     let device = candle_core::Device::Cpu;
@@ -750,15 +774,14 @@ fn nan_at_7(len: usize) -> Vec<f32> {
 /// evicted with a reason that names the problem, and training goes on unaffected.
 #[test]
 fn rogue_clients_with_short_or_oversized_gradients_are_evicted() -> anyhow::Result<()> {
-    init_logging();
-    let job = Job::mlp(4, 2);
-    baseline(&job);
-    let dir = tempfile::tempdir()?;
-    let mut procs = Procs::new();
-    let flags = ["--worker-timeout", "2", "--max-workers", "5"];
-    let cluster = procs.cluster(&job, &dir.path().join("run"), &flags, &[]);
+    let RogueJob {
+        job,
+        mut procs,
+        cluster,
+        runtime,
+        dir: _dir,
+    } = rogue_job()?;
     let log = &cluster.coordinator.log;
-    let runtime = tokio::runtime::Runtime::new()?;
     let cases: [(&str, Poison, &str); 2] = [
         ("one float short", |len| vec![0.0; len - 1], "parameters"),
         (
